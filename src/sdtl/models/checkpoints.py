@@ -1,0 +1,739 @@
+"""Checkpoint files: safe loading, format detection, strict backbone loading, atomic saving.
+
+Who calls it: the engine (``--pretrained`` initialisation, resume, evaluate), ``sdtl inspect``, and
+anyone who wants RSPNet's or torchvision's weights in a plain PyTorch loop.
+
+Three rules hold everywhere in this module:
+
+1. **No arbitrary unpickling by default.** Every ``.pt``/``.pth``/``.pth.tar`` file is read with
+   ``torch.load(weights_only=True, map_location="cpu")``; ``.safetensors`` with safetensors. A file
+   that needs full unpickling (it references Python classes or functions) is refused with a
+   :class:`~sdtl.errors.UserError`; ``allow_unsafe_pickle=True`` (CLI ``--allow-unsafe-pickle``)
+   loads it anyway, with an :class:`UnsafePickleWarning`. Nothing falls back silently.
+2. **Backbone keys load strictly.** After the format's wrapping is removed (RSPNet's
+   ``encoder_q.encoder.`` prefix, ``state_dict``/``model`` nesting, DDP's ``module.``), the keys must
+   equal the encoder's exactly, with the same shapes. Anything else is an error listing missing,
+   unexpected and shape-mismatched keys, the detected format and the expected arch. The only
+   tolerance: BatchNorm ``num_batches_tracked`` counters absent from old files keep the model's
+   value (they never affect outputs here), and the report says so.
+3. **A pre-training head never becomes the classification head.** Only encoder weights are
+   loaded into an encoder; heads, projection MLPs, momentum encoders and queues are ignored and
+   counted in the :class:`LoadReport`.
+
+Formats recognised by :func:`detect_format`:
+
+- ``rspnet``: RSPNet's released ``model_best_*.pth.tar``: ``{"epoch", "arch", "model", ...}`` with the
+  backbone under ``model["encoder_q.encoder.*"]`` (its ``linear.*`` is the pre-training classifier).
+- ``sdtl-finetune`` / ``sdtl-pretrain``: sdtl's own payloads (see docs/design.md).
+- ``torchvision``: a VideoResNet state dict (``stem.0.weight``, ``layer1.0...``, ``fc.*``).
+- ``state_dict``: any other tensor dict, plain or under ``state_dict``/``model``, with or without a
+  ``module.`` prefix (a VideoClassifier state dict, ``encoder.*`` + ``head.*``, counts too).
+- ``unknown``: anything else.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import pickletools
+import re
+import secrets
+import struct
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdtl.errors import UserError
+from sdtl.models.classifier import ARCHS, VideoClassifier, build_encoder, build_model
+
+FORMATS = ("rspnet", "sdtl-finetune", "sdtl-pretrain", "torchvision", "state_dict", "unknown")
+
+RSPNET_BACKBONE_PREFIX = "encoder_q.encoder."
+SDTL_FORMAT_VERSION = 1
+
+# The source model's own classifier inside an otherwise matching backbone state dict: RSPNet/VCOP
+# networks call it ``linear``, torchvision ``fc``. It is dropped, never loaded into the sdtl head.
+_SOURCE_CLASSIFIER = {
+    "c3d": ("linear.",),
+    "r2plus1d_vcop": ("linear.",),
+    "r2plus1d_18": ("fc.",),
+    "r3d_18": ("fc.",),
+    "mc3_18": ("fc.",),
+}
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_SHOW = 5  # how many keys of each kind an error message lists
+
+
+class UnsafePickleWarning(UserWarning):
+    """A checkpoint was loaded with full unpickling because the caller explicitly allowed it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading files
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    # A safetensors file starts with a little-endian u64 header length followed by a JSON object;
+    # recognising it by content lets a renamed file load instead of failing as a "bad pickle".
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < length < path.stat().st_size
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{path}: not a readable safetensors file ({exc}); the file may be truncated or corrupted"
+        ) from exc
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The (first) pickle stream of a checkpoint file, without unpickling anything."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not names:
+                raise ValueError("zip archive without data.pkl")
+            return archive.read(names[0])
+    return path.read_bytes()
+
+
+def _needs_full_unpickling(path: Path, exc: Exception) -> str | None:
+    """Why a weights-only load failed: a reason string if the file is a real pickle that needs
+    classes/functions (i.e. would load with full unpickling), None if it is just not a checkpoint."""
+    message = str(exc)
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    if match:
+        return f"it references the Python object {match.group(1)}"
+    # Static check with pickletools: it parses opcodes without executing any of them.
+    try:
+        ops = list(pickletools.genops(_pickle_bytes(path)))
+    except Exception:  # noqa: BLE001 - any parse failure means "not a valid pickle"
+        return None
+    if ops and ops[-1][0].name == "STOP":
+        return "it uses pickle operations outside the weights-only subset"
+    return None
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    if path.stat().st_size == 0:
+        return UserError(f"{path}: empty file, not a checkpoint; re-download or re-save it")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return UserError(
+        f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); "
+        "the file is truncated, corrupted or not a checkpoint at all - re-download or re-save it"
+    )
+
+
+def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
+    """Load a checkpoint file onto the CPU without running arbitrary code.
+
+    ``.safetensors`` files (also recognised by content) are read with safetensors; everything else
+    with ``torch.load(weights_only=True, map_location="cpu")``. A file that needs full unpickling
+    raises :class:`UserError` unless ``allow_unsafe_pickle`` is true, in which case it is loaded with
+    ``weights_only=False`` and an :class:`UnsafePickleWarning` is emitted. Missing, empty,
+    truncated or non-checkpoint files raise :class:`UserError` naming the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint file; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file; name the file inside it")
+    if _is_safetensors(path):
+        return _load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = _needs_full_unpickling(path, exc)
+        if why is None:
+            raise _unreadable(path, exc) from exc
+        if not allow_unsafe_pickle:
+            raise UserError(
+                f"{path}: refused to load: {why}, so reading it needs full unpickling, which can run "
+                "arbitrary code (sdtl loads checkpoints with torch.load(weights_only=True) only); if you "
+                "trust where this file came from, pass --allow-unsafe-pickle (Python: "
+                "allow_unsafe_pickle=True), or re-save its tensors as a plain state dict or .safetensors"
+            ) from exc
+        warnings.warn(
+            f"{path}: loading with FULL UNPICKLING (weights_only=False) because --allow-unsafe-pickle "
+            f"was given ({why}); this runs any code the file contains - only do this for trusted files",
+            UnsafePickleWarning,
+            stacklevel=2,
+        )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - reported as the user's file problem
+            raise _unreadable(path, exc2) from exc2
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError/... for bad files
+        raise _unreadable(path, exc) from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats and backbone extraction
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove DDP's ``module.`` prefix when every key has it (a partial prefix is left for the error)."""
+    keys = list(state)
+    if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, Any] | None:
+    """The tensor dict of a plain checkpoint: ``obj["state_dict"]``, ``obj["model"]`` or ``obj`` itself."""
+    if not isinstance(obj, Mapping):
+        return None
+    for candidate in (obj.get("state_dict"), obj.get("model"), obj):
+        if _is_tensor_dict(candidate):
+            return _strip_module(candidate)
+    return None
+
+
+def _looks_torchvision(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith("stem.0.") for k in state) and any(k.startswith("layer1.0.") for k in state)
+
+
+def detect_format(obj: Any) -> str:
+    """Which kind of checkpoint ``obj`` (a loaded file) is: one of :data:`FORMATS`."""
+    if not isinstance(obj, Mapping):
+        return "unknown"
+    if "sdtl_format" in obj:
+        return {"finetune": "sdtl-finetune", "pretrain": "sdtl-pretrain"}.get(obj["sdtl_format"], "unknown")
+    model = obj.get("model")
+    if isinstance(model, Mapping) and any(
+        isinstance(k, str) and _strip_prefix_once(k, "module.").startswith(RSPNET_BACKBONE_PREFIX) for k in model
+    ):
+        return "rspnet"
+    state = _unwrap_state_dict(obj)
+    if state is None:
+        return "unknown"
+    return "torchvision" if _looks_torchvision(state) else "state_dict"
+
+
+def _strip_prefix_once(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _group(key: str) -> str:
+    """A short name for a family of ignored keys (``encoder_k.encoder.*``, ``queue``)."""
+    parts = key.split(".")
+    return key if len(parts) <= 2 else ".".join(parts[:2]) + ".*"
+
+
+@dataclass
+class _Extraction:
+    format: str
+    state: dict[str, Any]
+    ignored: dict[str, int] = field(default_factory=dict)
+    recorded_arch: str | None = None
+    recorded_options: dict[str, Any] | None = None
+
+
+def _count_ignored(keys, ignored: dict[str, int], name=_group) -> None:
+    for key in keys:
+        group = name(key)
+        ignored[group] = ignored.get(group, 0) + 1
+
+
+def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extraction:
+    fmt = detect_format(obj)
+    ignored: dict[str, int] = {}
+    if fmt == "rspnet":
+        model = _strip_module(obj["model"])
+        state = {}
+        for key, value in model.items():
+            if key.startswith(RSPNET_BACKBONE_PREFIX):
+                state[key[len(RSPNET_BACKBONE_PREFIX):]] = value
+            else:  # encoder_k (momentum encoder), fc1/fc2 (projection heads), queue, queue_ptr
+                _count_ignored([key], ignored)
+        drop = [k for k in state if k.startswith("linear.")]  # the pre-training classifier, [1, 512]
+        for key in drop:
+            del state[key]
+        if drop:
+            ignored[RSPNET_BACKBONE_PREFIX + "linear.*"] = len(drop)
+        return _Extraction(fmt, state, ignored, recorded_arch=None)
+    if fmt == "sdtl-finetune":
+        model = obj.get("model")
+        if not isinstance(model, Mapping):
+            raise UserError(f"{source}: sdtl fine-tune checkpoint without a 'model' state dict; re-save it")
+        state = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
+        _count_ignored([k for k in model if not k.startswith("encoder.")], ignored, lambda k: k.split(".")[0] + ".*")
+        return _Extraction(fmt, state, ignored, obj.get("arch"), dict(obj.get("arch_options") or {}))
+    if fmt == "sdtl-pretrain":
+        encoder = obj.get("encoder")
+        if not isinstance(encoder, Mapping):
+            raise UserError(f"{source}: sdtl pre-train checkpoint without an 'encoder' state dict; re-save it")
+        if obj.get("head") is not None:
+            ignored["head (pre-training task head)"] = len(obj["head"]) if isinstance(obj["head"], Mapping) else 1
+        return _Extraction(fmt, dict(encoder), ignored, obj.get("arch"), dict(obj.get("arch_options") or {}))
+    state = _unwrap_state_dict(obj)
+    if state is None:
+        kind = type(obj).__name__
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else ""
+        raise UserError(
+            f"{source}: no weights found (a {kind}{' with keys ' + keys if keys else ''}); expected an "
+            "RSPNet, torchvision, sdtl or plain state-dict checkpoint"
+        )
+    if state and all(k.startswith(("encoder.", "head.")) for k in state) and any(k.startswith("encoder.") for k in state):
+        # A bare VideoClassifier state dict: its encoder part is the backbone, its head is not.
+        _count_ignored([k for k in state if k.startswith("head.")], ignored, lambda k: "head.*")
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    prefixes = _SOURCE_CLASSIFIER.get(arch, ("linear.", "fc.")) if arch else ("linear.", "fc.")
+    drop = [k for k in state if k.startswith(prefixes)]
+    for key in drop:
+        ignored[key.split(".")[0] + ".* (source classifier)"] = ignored.get(key.split(".")[0] + ".* (source classifier)", 0) + 1
+        del state[key]
+    return _Extraction(fmt, state, ignored)
+
+
+def extract_backbone_state(obj: Any, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """The encoder state dict inside a loaded checkpoint ``obj``, with every wrapping removed.
+
+    RSPNet: ``encoder_q.encoder.*`` minus ``linear.*``; sdtl fine-tune: ``model["encoder.*"]``;
+    sdtl pre-train: ``encoder``; plain/torchvision: the tensor dict minus ``module.`` and minus the
+    source classifier of ``arch`` (``linear.*`` for c3d/r2plus1d_vcop, ``fc.*`` for torchvision archs).
+    Keys are *not* checked here; :func:`load_encoder_weights` does that strictly.
+    """
+    return _extract(obj, arch).state
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict loading
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_encoder_weights` loaded."""
+
+    source: str
+    format: str
+    arch: str | None
+    num_tensors: int
+    num_parameters: int
+    ignored: dict[str, int] = field(default_factory=dict)
+    filled_defaults: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"loaded {self.num_tensors} encoder tensors ({self.num_parameters:,} parameters) from {self.source} "
+            f"(format {self.format}, arch {self.arch})"
+        )
+        if self.ignored:
+            text += "; ignored " + ", ".join(f"{name} ({count})" for name, count in self.ignored.items())
+        if self.filled_defaults:
+            text += f"; {len(self.filled_defaults)} BatchNorm num_batches_tracked absent from the file kept at their defaults"
+        return text
+
+    __str__ = summary
+
+
+def _num_parameters(state: Mapping[str, Any]) -> int:
+    return sum(
+        v.numel() for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith(_BN_BUFFERS)
+    )
+
+
+def _shape(value: Any) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def _check_fit(state: dict[str, Any], module: nn.Module, *, source: str, fmt: str, what: str, hint: str = "") -> list[str]:
+    """Raise UserError unless ``state`` fits ``module`` exactly; return the tolerated missing BN counters."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    filled = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if k not in filled]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        k
+        for k in state
+        if k in expected and (not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{source}: does not fit {what} (detected checkpoint format: {fmt})"]
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        if mismatched:
+            shown = [f"{k} (file {_shape(state[k])} vs model {_shape(expected[k])})" for k in mismatched]
+            parts.append(f"{len(mismatched)} shape-mismatched key(s): {_listing(shown)}")
+        guess = guess_arch(state)
+        if guess is not None:
+            parts.append(f"the weights look like arch {_format_arch(*guess)}")
+        if hint:
+            parts.append(hint)
+        raise UserError("; ".join(parts))
+    return filled
+
+
+def _format_arch(arch: str, options: Mapping[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in options.items())
+    return f"{arch!r}" + (f" ({opts})" if opts else "")
+
+
+def _encoder_arch(encoder: nn.Module, arch: str | None) -> tuple[str | None, dict[str, Any]]:
+    return arch or getattr(encoder, "sdtl_arch", None), dict(getattr(encoder, "sdtl_arch_options", {}) or {})
+
+
+def load_encoder_weights(
+    encoder: nn.Module,
+    path_or_obj: str | os.PathLike | Mapping,
+    arch: str | None = None,
+    allow_unsafe_pickle: bool = False,
+) -> LoadReport:
+    """Load a checkpoint's backbone into ``encoder`` strictly and say what was loaded.
+
+    ``path_or_obj`` is a file (read with :func:`safe_load`) or an already-loaded checkpoint.
+    ``arch`` is the encoder's arch name (default: the ``sdtl_arch`` that ``build_encoder`` recorded),
+    used in messages and to drop the right source classifier. Any missing, unexpected or
+    shape-mismatched key raises :class:`UserError`; ``encoder`` is unchanged in that case.
+    Pass ``model.encoder`` for a :class:`VideoClassifier`: the head is never touched.
+    """
+    if isinstance(encoder, VideoClassifier):
+        raise TypeError("load_encoder_weights(model.encoder, ...): pass the encoder, not the VideoClassifier")
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        obj = safe_load(path_or_obj, allow_unsafe_pickle=allow_unsafe_pickle)
+        return _load_encoder(encoder, obj, arch, str(path_or_obj))
+    return _load_encoder(encoder, path_or_obj, arch, "checkpoint object")
+
+
+def _load_encoder(encoder: nn.Module, obj: Any, arch: str | None, source: str) -> LoadReport:
+    arch, options = _encoder_arch(encoder, arch)
+    extraction = _extract(obj, arch, source)
+    what = f"arch {_format_arch(arch, options)}" if arch else f"encoder {type(encoder).__name__}"
+    hint = ""
+    if extraction.recorded_arch is not None:
+        recorded = _format_arch(extraction.recorded_arch, extraction.recorded_options or {})
+        hint = f"the checkpoint records arch {recorded}"
+        if arch and extraction.recorded_arch != arch:
+            raise UserError(
+                f"{source}: is an {extraction.format} checkpoint of arch {recorded}, but the model is arch "
+                f"{_format_arch(arch, options)}; use the same arch (and options) it was trained with"
+            )
+    filled = _check_fit(extraction.state, encoder, source=source, fmt=extraction.format, what=what, hint=hint)
+    state = dict(extraction.state)
+    current = encoder.state_dict()
+    for key in filled:
+        state[key] = current[key]
+    encoder.load_state_dict(state, strict=True)
+    return LoadReport(
+        source=source,
+        format=extraction.format,
+        arch=arch,
+        num_tensors=len(extraction.state),
+        num_parameters=_num_parameters(extraction.state),
+        ignored=extraction.ignored,
+        filled_defaults=filled,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Guessing the arch of a bare state dict
+
+
+# (key, reference channels) pairs whose shape[0] reveals the width of a scalable arch.
+_WIDTH_PROBES = {
+    "c3d": (("conv1.weight", 64), ("conv3a.weight", 256), ("conv5b.weight", 512)),
+    "r2plus1d_vcop": (("bn1.weight", 64), ("conv4.block1.bn2.weight", 256), ("conv5.block1.bn2.weight", 512)),
+}
+
+
+def _shapes_match(state: Mapping[str, Any], arch: str, options: dict[str, Any]) -> bool:
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            expected = build_encoder(arch, **options).state_dict()
+    except UserError:
+        return False
+    given = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    required = {k for k in expected if not k.endswith("num_batches_tracked")}
+    if not required <= set(given) or not set(given) <= set(expected):
+        return False
+    return all(given[k].shape == expected[k].shape for k in given)
+
+
+def guess_arch(state: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(arch, options)`` whose encoder has exactly the keys and shapes of ``state``, else None."""
+    for arch in ARCHS:
+        probes = _WIDTH_PROBES.get(arch)
+        if probes is None:
+            if _shapes_match(state, arch, {}):
+                return arch, {}
+            continue
+        candidates: list[float] = []
+        for key, reference in probes:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                raw = value.shape[0] / reference
+                candidates += [raw, round(raw, 2), round(raw, 3)]
+        for width in dict.fromkeys(candidates):  # ordered, deduplicated
+            if width > 0 and _shapes_match(state, arch, {"width": width}):
+                return arch, {"width": width}
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device)
+
+
+def _check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
+    """Refuse payloads that ``torch.load(weights_only=True)`` could not read back.
+
+    Exact types on purpose: subclasses (namedtuple, defaultdict, numpy scalars, enums, Path) are
+    pickled by class reference, which is exactly what weights-only loading refuses.
+    """
+    kind = type(obj)
+    if kind in _SAFE_LEAVES or isinstance(obj, torch.Tensor) and kind in (torch.Tensor, nn.Parameter):
+        return
+    if kind in (dict, OrderedDict):
+        for key, value in obj.items():
+            _check_weights_only_safe(key, f"{where} key {key!r}")
+            _check_weights_only_safe(value, f"{where}[{key!r}]")
+        return
+    if kind in (list, tuple, set, frozenset):
+        for index, value in enumerate(obj):
+            _check_weights_only_safe(value, f"{where}[{index}]")
+        return
+    raise TypeError(
+        f"{where} is a {kind.__module__}.{kind.__qualname__}, which torch.load(weights_only=True) cannot "
+        "read back; store plain Python values (str, int, float, list, dict) or tensors instead"
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Write via ``write(tmp_path)`` to a temp file in ``path``'s folder, fsync it, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Save ``obj`` with ``torch.save`` atomically: a crash leaves either the old file or the new one.
+
+    Raises ``TypeError`` (a programming error) if ``obj`` holds anything that
+    ``torch.load(weights_only=True)`` would refuse, so every sdtl checkpoint stays safely loadable.
+    """
+    _check_weights_only_safe(obj)
+    return _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def export_encoder(
+    model_or_encoder: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the encoder's state dict alone (no head), atomically.
+
+    ``.safetensors`` -> safetensors (with ``arch``/``arch_options`` metadata when known); any other
+    suffix -> a plain ``torch.save`` state dict. Both load back with :func:`load_encoder_weights`.
+    """
+    encoder = model_or_encoder.encoder if isinstance(model_or_encoder, VideoClassifier) else model_or_encoder
+    # clone + contiguous: safetensors refuses shared or strided storage; also detaches from the live model.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        info = {"sdtl_format": "encoder", "version": str(SDTL_FORMAT_VERSION)}
+        if getattr(encoder, "sdtl_arch", None):
+            info["arch"] = encoder.sdtl_arch
+            info["arch_options"] = json.dumps(getattr(encoder, "sdtl_arch_options", {}) or {})
+        info.update(metadata or {})
+        return _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=info))
+    return save_checkpoint(state, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# sdtl fine-tune checkpoints and inspection
+
+
+def build_model_from_checkpoint(
+    path: str | os.PathLike, allow_unsafe_pickle: bool = False
+) -> tuple[VideoClassifier, dict[str, Any]]:
+    """Rebuild the :class:`VideoClassifier` saved in an sdtl fine-tune checkpoint and load it strictly.
+
+    Arch, options and number of classes come from the payload, so evaluation needs no other flags.
+    Returns ``(model, payload)`` with the model in eval mode on the CPU (dropout is an eval no-op
+    and is not rebuilt).
+    """
+    payload = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    fmt = detect_format(payload)
+    if fmt != "sdtl-finetune":
+        raise UserError(
+            f"{path}: is a {fmt} checkpoint, not an sdtl fine-tune checkpoint (the output of `sdtl finetune`); "
+            "to start from pre-trained weights use it as the model's pretrained checkpoint instead"
+        )
+    for key in ("arch", "num_classes", "model"):
+        if key not in payload:
+            raise UserError(f"{path}: sdtl fine-tune checkpoint lacks '{key}'; it is incomplete - re-save it")
+    options = dict(payload.get("arch_options") or {})
+    model = build_model(payload["arch"], int(payload["num_classes"]), **options)
+    state = dict(payload["model"])
+    what = f"arch {_format_arch(payload['arch'], options)} with {payload['num_classes']} classes"
+    filled = _check_fit(state, model, source=str(path), fmt=fmt, what=what)
+    current = model.state_dict()
+    for key in filled:
+        state[key] = current[key]
+    model.load_state_dict(state, strict=True)
+    model.class_names = list(payload.get("class_names") or [])
+    return model.eval(), payload
+
+
+def _count_tensors(obj: Any) -> tuple[int, int]:
+    """(number of tensors, number of elements) anywhere in a loaded checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return 1, obj.numel()
+    if isinstance(obj, Mapping):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        items = obj
+    else:
+        return 0, 0
+    count = elements = 0
+    for item in items:
+        c, e = _count_tensors(item)
+        count, elements = count + c, elements + e
+    return count, elements
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else f"tensor {_shape(value)}"
+    if isinstance(value, (list, tuple)) and depth < 2 and len(value) <= 200:
+        return [_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, Mapping) and depth < 2 and len(value) <= 50:
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    return f"<{type(value).__name__}{f' of {len(value)}' if hasattr(value, '__len__') else ''}>"
+
+
+_METADATA_KEYS = (
+    "sdtl_format", "version", "arch", "arch_options", "task", "num_classes", "class_names", "epoch",
+    "best_loss", "best_acc", "best_metric", "metrics",
+)  # fmt: skip
+
+
+def describe_checkpoint(
+    path: str | os.PathLike, arch: str | None = None, allow_unsafe_pickle: bool = False
+) -> dict[str, Any]:
+    """Everything ``sdtl inspect`` shows, as a JSON-serialisable dict.
+
+    Keys: ``path``, ``file_bytes``, ``format``, ``metadata`` (epoch, stored arch, options, classes, ...),
+    ``top_level_keys``, ``file_tensors``, ``backbone`` (tensors / parameters / ignored groups, or
+    ``error``), ``arch_guess`` (``{"arch", "options"}`` from key names and shapes, or None), and with
+    ``arch`` given, ``loads_into`` = ``{"arch", "options", "ok", "error", "num_tensors"}``. Options for that
+    check come from the checkpoint's record, else from the guess when it names the same arch.
+    """
+    path = Path(path)
+    obj = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    fmt = detect_format(obj)
+    info: dict[str, Any] = {"path": str(path), "file_bytes": path.stat().st_size, "format": fmt}
+    if isinstance(obj, Mapping):
+        info["metadata"] = {k: _jsonable(obj[k]) for k in _METADATA_KEYS if k in obj}
+        info["top_level_keys"] = [str(k) for k in list(obj)[:30]]
+    else:
+        info["metadata"], info["top_level_keys"] = {}, []
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            stored = handle.metadata() or {}
+        info["metadata"].update(stored)
+        if "arch_options" in stored:
+            try:
+                info["metadata"]["arch_options"] = json.loads(stored["arch_options"])
+            except ValueError:
+                pass
+    info["file_tensors"], _ = _count_tensors(obj)
+    extraction = None
+    try:
+        extraction = _extract(obj, arch, str(path))
+        info["backbone"] = {
+            "num_tensors": len(extraction.state),
+            "num_parameters": _num_parameters(extraction.state),
+            "ignored": extraction.ignored,
+        }
+        guess = guess_arch(extraction.state)
+        info["arch_guess"] = {"arch": guess[0], "options": guess[1]} if guess else None
+    except UserError as exc:
+        info["backbone"] = {"error": str(exc)}
+        info["arch_guess"] = None
+    if arch is not None:
+        options: dict[str, Any] = {}
+        if extraction is not None and extraction.recorded_arch == arch:
+            options = dict(extraction.recorded_options or {})
+        elif info["arch_guess"] and info["arch_guess"]["arch"] == arch:
+            options = dict(info["arch_guess"]["options"])
+        result = {"arch": arch, "options": options, "ok": False, "error": None, "num_tensors": 0}
+        try:
+            encoder = build_encoder(arch, **options)
+            report = _load_encoder(encoder, obj, arch, str(path))
+            result.update(ok=True, num_tensors=report.num_tensors)
+        except UserError as exc:
+            result["error"] = str(exc)
+        info["loads_into"] = result
+    return info
