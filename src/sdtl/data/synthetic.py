@@ -1,0 +1,500 @@
+"""`sdtl synth`: the embedded synthetic action-video dataset.
+
+The story
+---------
+The paper fine-tunes encoders pre-trained on a large unlabelled corpus (Kinetics) on small labelled
+action datasets (UCF101, HMDB51). To let anyone watch that regime on a 2-core laptop, this module
+renders a miniature of it as *real encoded video files* (H.264 in .avi, written by
+:func:`sdtl.data.video_io.write_video`) in UCF101's own layout, so the same loader path that reads
+UCF101 reads it too::
+
+    DIR/videos/<Class>/v_<Class>_g<GG>_c<CC>.avi   labelled videos (train and test groups)
+    DIR/lists/classInd.txt                        "1 MoveUp" ... (1-based, like UCF101)
+    DIR/lists/trainlist01.txt                     "MoveUp/v_MoveUp_g01_c01.avi 1"
+    DIR/lists/testlist01.txt                      "MoveUp/v_MoveUp_g07_c01.avi"
+    DIR/unlabelled/pool_NNNNN.avi                 the large unlabelled pool
+    DIR/lists/unlabelled.txt                      relative paths of the pool
+    DIR/meta.json                                 preset, seed, version, classes, counts, sizes
+
+**Classes are motions.** Each class is how one "actor" object moves: rising, falling, sliding
+sideways, spinning in place, growing, shrinking, swinging, bobbing, bouncing under gravity, orbiting
+(:data:`CLASS_MOTIONS`). Up/Down and Grow/Shrink are exact time reversals of each other, so even an
+unordered bag of frames cannot separate them; only temporal modelling can. Every class is invariant
+under a horizontal flip (sideways motion goes either way, spins and orbits turn either way), so the
+standard flip augmentation never changes a label.
+
+**Appearance is nuisance.** The actor's shape, size, colour and position, the textured background
+(static or panning like a moving camera), small distractor objects wandering on their own, and
+pixel noise are all drawn from the *same* distribution for every class. A single frame therefore
+says nothing about the class (the tests check that per-class colour statistics overlap).
+
+**Groups, like UCF101's g01-g25.** A group fixes one "actor and scene" (shape, palette, background
+texture) and its clips c01.. vary the motion parameters. Train and test use disjoint groups, so
+test accuracy measures generalisation to new appearances, not recognition of a remembered scene:
+a small labelled set makes a model trained from scratch latch onto group appearance and fail.
+
+**The unlabelled pool** mirrors Kinetics: many longer videos (long enough for a 16-frame clip at
+frame stride 8, the fastest pace of the playback-speed pretext task) whose objects move by random
+*mixtures* of the same motion primitives (drifting and bouncing off walls, spinning, pulsing,
+swinging, falling, orbiting) at the same natural speeds, without labels. Pre-training on it, e.g.
+by predicting playback speed, teaches motion features that transfer; that is what the demo measures.
+
+Generation is deterministic for a (preset, seed): every video draws from its own
+``numpy.random.default_rng([seed, kind, ...])`` stream and the encoder is pinned to one thread with
+x264's macroblock-tree rate control off (with it on, x264 output varied from run to run on tiny
+frames). Files are written into a temporary sibling directory that is renamed into place at the
+end, so an interrupted run leaves nothing half-written.
+
+Called by the ``sdtl synth`` subcommand (:func:`register`), by ``sdtl demo`` and by the tests
+(:func:`generate_synthetic`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdtl.errors import UserError
+
+GENERATOR_VERSION = 1
+
+# One thread and no macroblock-tree: the only x264 settings under which repeated encodes of the same
+# frames were byte-identical on this project's machines (see the module docstring).
+ENCODER_OPTIONS = {"threads": "1", "preset": "veryfast", "crf": "18", "x264-params": "mbtree=0"}
+
+# What each class is, in words (also written to meta.json so a reader of the data knows the labels).
+CLASS_MOTIONS: dict[str, str] = {
+    "MoveUp": "translates upwards at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
+    "MoveDown": "translates downwards at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
+    "MoveSideways": "translates left or right at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
+    "Spin": "stays in place and rotates, either direction, 3-7 deg/frame",
+    "Grow": "stays in place and scales up exponentially (x1.5-x2.6 over 40 frames)",
+    "Shrink": "stays in place and scales down exponentially (the time reversal of Grow)",
+    "SwingSideways": "oscillates horizontally (amplitude 4-7 px, period 20-32 frames)",
+    "BobVertical": "oscillates vertically (amplitude 4-7 px, period 20-32 frames)",
+    "Bounce": "falls under gravity and bounces off an invisible floor (height 10-18 px, period 16-28 frames)",
+    "Orbit": "moves along a circle, either direction (radius 5-9 px, period 24-40 frames)",
+}
+
+
+@dataclass(frozen=True)
+class SyntheticPreset:
+    """Sizes of one version of the dataset. Videos are ``size``x``size`` (even, for H.264)."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_groups: int  # groups g01..g<train_groups> form the training list
+    test_groups: int  # the next groups form the test list (disjoint appearances)
+    clips_per_group: int  # c01..c<clips_per_group>
+    pool_size: int  # unlabelled videos
+    frames: int  # frames per labelled video
+    pool_frames: int  # frames per unlabelled video (>= 16 * 8 - 7 so stride-8 clips fit)
+    size: int = 48
+    fps: int = 25
+    codec: str = "libx264"
+
+    @property
+    def train_per_class(self) -> int:
+        return self.train_groups * self.clips_per_group
+
+    @property
+    def test_per_class(self) -> int:
+        return self.test_groups * self.clips_per_group
+
+
+_TINY_CLASSES = ("MoveUp", "MoveDown", "MoveSideways", "Spin", "Grow", "Shrink")
+_SMALL_CLASSES = _TINY_CLASSES + ("SwingSideways", "BobVertical", "Bounce", "Orbit")
+
+PRESETS: dict[str, SyntheticPreset] = {
+    # Tests and CI: a few seconds.
+    "tiny": SyntheticPreset("tiny", _TINY_CLASSES, train_groups=3, test_groups=3, clips_per_group=2,
+                            pool_size=48, frames=32, pool_frames=128),
+    # The demo default.
+    "small": SyntheticPreset("small", _SMALL_CLASSES, train_groups=4, test_groups=4, clips_per_group=3,
+                             pool_size=600, frames=40, pool_frames=128),
+}
+
+# Seed-stream tags, so labelled videos, groups and the pool never share random numbers.
+_KIND_GROUP, _KIND_CLIP, _KIND_POOL = 1, 2, 3
+
+# ---------------------------------------------------------------------------------------------
+# Rendering. Everything is in pixels of a 48-px frame and multiplied by ``size / 48`` so that other
+# sizes keep the same look. Objects are drawn as soft-edged shapes (coverage = clip(0.5 - signed
+# distance)), which makes sub-pixel motion visible instead of jumping a pixel at a time.
+# ---------------------------------------------------------------------------------------------
+
+_SHAPES = ("bar", "triangle", "ellipse", "ell", "tee")
+
+
+def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (in units of the object's radius) to a unit shape.
+
+    All shapes are elongated or asymmetric, so rotation is visible whatever the shape.
+    """
+    if shape == "bar":
+        return np.maximum(np.abs(u) - 1.0, np.abs(v) - 0.4)
+    if shape == "ellipse":
+        return (np.sqrt((u / 1.0) ** 2 + (v / 0.5) ** 2) - 1.0) * 0.5
+    if shape == "triangle":  # isosceles, apex at +u
+        d1 = -u - 0.6
+        d2 = (0.45 * u + 0.9 * v - 0.45) / 1.0
+        d3 = (0.45 * u - 0.9 * v - 0.45) / 1.0
+        return np.maximum(d1, np.maximum(d2, d3))
+    if shape == "ell":
+        a = np.maximum(np.abs(u + 0.2) - 0.8, np.abs(v + 0.65) - 0.3)
+        b = np.maximum(np.abs(u + 0.7) - 0.3, np.abs(v) - 0.95)
+        return np.minimum(a, b)
+    if shape == "tee":
+        a = np.maximum(np.abs(u) - 1.0, np.abs(v + 0.6) - 0.3)
+        b = np.maximum(np.abs(u) - 0.3, np.abs(v - 0.2) - 0.8)
+        return np.minimum(a, b)
+    raise ValueError(shape)
+
+
+@dataclass
+class _Track:
+    """One object's appearance and its per-frame pose (arrays of length T)."""
+
+    shape: str
+    colour: np.ndarray  # [3] float 0-255
+    radius: float
+    cx: np.ndarray
+    cy: np.ndarray
+    angle: np.ndarray  # radians
+    scale: np.ndarray
+
+
+def _draw(canvas: np.ndarray, track: _Track, xs: np.ndarray) -> None:
+    """Alpha-composite one object onto ``canvas`` [T,S,S,3] (float32), all frames at once.
+
+    Only a square window around the object is evaluated each frame (the object is small next to
+    the frame), gathered and scattered back by fancy indexing.
+    """
+    f32 = np.float32
+    frames, size = canvas.shape[0], canvas.shape[1]
+    r_max = float(np.max(track.radius * track.scale))
+    width = min(size, 2 * int(np.ceil(1.2 * r_max)) + 4)
+    # Window origins clipped into the frame: an object partly outside still has its visible part
+    # inside the clipped window because the window is wider than the object.
+    ox = np.clip(np.floor(track.cx - width / 2).astype(np.int64), 0, size - width)
+    oy = np.clip(np.floor(track.cy - width / 2).astype(np.int64), 0, size - width)
+    cols = ox[:, None] + np.arange(width)  # [T, W]
+    rows = oy[:, None] + np.arange(width)
+    dx = xs[cols][:, None, :] - track.cx.astype(f32)[:, None, None]  # [T, 1, W] - [T, 1, 1]
+    dy = xs[rows][:, :, None] - track.cy.astype(f32)[:, None, None]  # [T, W, 1]
+    cos = np.cos(track.angle).astype(f32)[:, None, None]
+    sin = np.sin(track.angle).astype(f32)[:, None, None]
+    r = (track.radius * track.scale).astype(f32)[:, None, None]
+    inv_r = f32(1.0) / r
+    u = (cos * dx + sin * dy) * inv_r
+    v = (cos * dy - sin * dx) * inv_r
+    alpha = np.clip(f32(0.5) - _shape_distance(track.shape, u, v) * r, f32(0.0), f32(1.0))[..., None]
+    index = (np.arange(frames)[:, None, None], rows[:, :, None], cols[:, None, :])
+    patch = canvas[index]
+    canvas[index] = patch * (f32(1.0) - alpha) + alpha * track.colour.astype(f32)
+
+
+def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, unit: float) -> np.ndarray:
+    """Base colour plus a few coloured plane waves; half the time the texture pans (a moving camera).
+
+    Plane waves make panning exact at sub-pixel speeds without resampling an image.
+    """
+    base = rng.uniform(30, 225, size=3)
+    canvas = np.empty((len(t), len(xs), len(xs), 3), dtype=np.float32)
+    canvas[...] = base.astype(np.float32)
+    pan = np.zeros(2)
+    if rng.random() < 0.5:
+        theta = rng.uniform(0, 2 * np.pi)
+        pan = rng.uniform(0.1, 0.35) * unit * np.array([np.cos(theta), np.sin(theta)])
+    for _ in range(int(rng.integers(1, 4))):
+        wavelength = rng.uniform(6, 20) * unit
+        theta = rng.uniform(0, 2 * np.pi)
+        k = 2 * np.pi / wavelength * np.array([np.cos(theta), np.sin(theta)])
+        amp = rng.uniform(0, 30) * rng.uniform(-1, 1, size=3)
+        # sin(spatial + shift(t)) = sin(spatial)cos(shift) + cos(spatial)sin(shift): two
+        # multiply-adds per pixel instead of a transcendental on the whole [T,S,S] volume.
+        spatial = k[0] * xs[None, :] + k[1] * xs[:, None] + rng.uniform(0, 2 * np.pi)
+        shift = -(k @ pan) * t
+        wave = (np.sin(spatial).astype(np.float32)[None] * np.cos(shift).astype(np.float32)[:, None, None]
+                + np.cos(spatial).astype(np.float32)[None] * np.sin(shift).astype(np.float32)[:, None, None])
+        canvas += wave[..., None] * amp.astype(np.float32)
+    return canvas
+
+
+def _contrasting_colour(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """A random colour kept visibly different from the background's mean colour."""
+    bg = canvas[0].reshape(-1, 3).mean(0)
+    colour = rng.uniform(0, 255, size=3)
+    if np.abs(colour - bg).max() < 70:
+        colour = np.where(bg > 127, bg - rng.uniform(80, 120, 3), bg + rng.uniform(80, 120, 3))
+    return np.clip(colour, 0, 255)
+
+
+def _distractors(rng: np.random.Generator, canvas: np.ndarray, t: np.ndarray, xs: np.ndarray,
+                 size: int, unit: float, count: int) -> None:
+    """Small objects wandering along smooth random paths (sums of two slow sinusoids), spinning."""
+    for _ in range(count):
+        paths = []
+        for _axis in range(2):
+            pos = rng.uniform(0.15, 0.85) * size + np.zeros(len(t))
+            for _k in range(2):
+                amp, period = rng.uniform(2, 8) * unit, rng.uniform(24, 72)
+                pos = pos + amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+            paths.append(pos)
+        track = _Track(shape=str(rng.choice(_SHAPES)), colour=_contrasting_colour(rng, canvas),
+                       radius=rng.uniform(2.0, 3.5) * unit, cx=paths[0], cy=paths[1],
+                       angle=rng.uniform(0, 2 * np.pi) + rng.uniform(-0.06, 0.06) * t,
+                       scale=np.ones(len(t)))
+        _draw(canvas, track, xs)
+
+
+def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """Add luminance noise (strength varies per video) and quantise to uint8."""
+    sigma = rng.uniform(0, 6)
+    canvas += rng.standard_normal(canvas.shape[:3] + (1,), dtype=np.float32) * np.float32(sigma)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def _class_pose(name: str, rng: np.random.Generator, t: np.ndarray, size: int, unit: float):
+    """Per-frame (cx, cy, angle, scale) of the actor for labelled class ``name``.
+
+    Trajectories are centred on the middle frame at a random point, so where the actor is in any
+    single frame has (nearly) the same distribution for every class.
+    """
+    tc = t - (len(t) - 1) / 2.0
+    x0, y0 = rng.uniform(0.3, 0.7, size=2) * size
+    angle0 = rng.uniform(0, 2 * np.pi)
+    cx, cy = x0 + 0 * tc, y0 + 0 * tc
+    angle, scale = angle0 + 0 * tc, np.ones_like(tc)
+    if name in ("MoveUp", "MoveDown", "MoveSideways"):
+        speed = np.exp(rng.uniform(np.log(0.45), np.log(0.9))) * unit
+        heading = {"MoveUp": -np.pi / 2, "MoveDown": np.pi / 2,
+                   "MoveSideways": float(rng.choice([0.0, np.pi]))}[name] + rng.uniform(-0.26, 0.26)
+        cx, cy = x0 + speed * np.cos(heading) * tc, y0 + speed * np.sin(heading) * tc
+    elif name == "Spin":
+        angle = angle0 + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(3, 7)) * tc
+    elif name in ("Grow", "Shrink"):
+        rate = rng.uniform(0.5, 0.95) / 40.0  # log-scale change per frame
+        scale = np.exp((1 if name == "Grow" else -1) * rate * tc)
+    elif name in ("SwingSideways", "BobVertical"):
+        amp, period = rng.uniform(4, 7) * unit, rng.uniform(20, 32)
+        wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+        cx, cy = (x0 + wave, cy) if name == "SwingSideways" else (cx, y0 + wave)
+    elif name == "Bounce":
+        height, period = rng.uniform(10, 18) * unit, rng.uniform(16, 28)
+        phase = (t / period + rng.uniform(0, 1)) % 1.0
+        cy = y0 + height / 2 - 4 * height * phase * (1 - phase)  # parabolic arcs off a floor
+    elif name == "Orbit":
+        radius, period = rng.uniform(5, 9) * unit, rng.uniform(24, 40)
+        phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
+        cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
+    else:
+        raise ValueError(f"unknown class {name!r}")
+    return cx, cy, angle, scale
+
+
+def _group_look(seed: int, class_index: int, group: int) -> dict:
+    """What a group fixes (like one UCF101 actor and scene): shape, size, palette, scene seed."""
+    rng = np.random.default_rng([seed, _KIND_GROUP, class_index, group])
+    return {"shape": str(rng.choice(_SHAPES)), "radius": float(rng.uniform(5.0, 8.0)),
+            "scene_seed": int(rng.integers(2**31)), "colour_seed": int(rng.integers(2**31))}
+
+
+def render_labelled(preset: SyntheticPreset, seed: int, class_index: int, group: int, clip: int) -> np.ndarray:
+    """Frames ``uint8 [T, S, S, 3]`` of labelled clip ``c<clip>`` of group ``g<group>``."""
+    size, unit = preset.size, preset.size / 48.0
+    look = _group_look(seed, class_index, group)
+    t = np.arange(preset.frames, dtype=np.float64)
+    xs = np.arange(size, dtype=np.float32) + np.float32(0.5)
+    # Clips of one group share the scene's texture and colours but move differently.
+    scene = np.random.default_rng([look["scene_seed"], clip % 2])
+    canvas = _background(scene, t, xs, unit)
+    rng = np.random.default_rng([seed, _KIND_CLIP, class_index, group, clip])
+    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 4)))
+    cx, cy, angle, scale = _class_pose(preset.classes[class_index], rng, t, size, unit)
+    colour = _contrasting_colour(np.random.default_rng(look["colour_seed"]), canvas)
+    _draw(canvas, _Track(look["shape"], colour, look["radius"] * unit, cx, cy, angle, scale), xs)
+    return _finish(rng, canvas)
+
+
+def _reflect(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold an unbounded path into [lo, hi], i.e. bounce off the walls."""
+    span = hi - lo
+    q = np.mod(p - lo, 2 * span)
+    return lo + np.where(q > span, 2 * span - q, q)
+
+
+def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
+    """Frames of unlabelled video ``index``: 1-2 actors moving by random mixtures of primitives."""
+    size, unit = preset.size, preset.size / 48.0
+    rng = np.random.default_rng([seed, _KIND_POOL, index])
+    t = np.arange(preset.pool_frames, dtype=np.float64)
+    xs = np.arange(size, dtype=np.float32) + np.float32(0.5)
+    canvas = _background(rng, t, xs, unit)
+    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 4)))
+    for _actor in range(int(rng.integers(1, 3))):
+        lo, hi = 0.2 * size, 0.8 * size
+        x0, y0 = rng.uniform(lo, hi, size=2)
+        cx, cy = x0 + 0 * t, y0 + 0 * t
+        motion = rng.choice(["drift", "drift", "fall", "orbit", "still"])
+        if motion == "drift":  # constant speed, bouncing off the walls
+            speed = np.exp(rng.uniform(np.log(0.45), np.log(0.9))) * unit
+            heading = rng.uniform(0, 2 * np.pi)
+            cx = _reflect(x0 + speed * np.cos(heading) * t, lo, hi)
+            cy = _reflect(y0 + speed * np.sin(heading) * t, lo, hi)
+        elif motion == "fall":
+            height, period = rng.uniform(10, 18) * unit, rng.uniform(16, 28)
+            phase = (t / period + rng.uniform(0, 1)) % 1.0
+            cy = y0 + height / 2 - 4 * height * phase * (1 - phase)
+            cx = _reflect(x0 + rng.uniform(-0.4, 0.4) * unit * t, lo, hi)
+        elif motion == "orbit":
+            radius, period = rng.uniform(5, 9) * unit, rng.uniform(24, 40)
+            phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
+            cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
+        if rng.random() < 0.35:  # swing along a random direction on top of the path
+            amp, period = rng.uniform(3, 7) * unit, rng.uniform(20, 32)
+            theta = rng.uniform(0, 2 * np.pi)
+            wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+            cx, cy = cx + wave * np.cos(theta), cy + wave * np.sin(theta)
+        angle = rng.uniform(0, 2 * np.pi) + 0 * t
+        if motion == "still" or rng.random() < 0.4:
+            angle = angle + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(3, 7)) * t
+        scale = np.ones_like(t)
+        if motion == "still" or rng.random() < 0.4:  # pulsing: alternating grow and shrink phases
+            scale = np.exp(rng.uniform(0.3, 0.5) * np.sin(2 * np.pi * t / rng.uniform(32, 64)
+                                                          + rng.uniform(0, 2 * np.pi)))
+        track = _Track(str(rng.choice(_SHAPES)), _contrasting_colour(rng, canvas),
+                       rng.uniform(5.0, 8.0) * unit, cx, cy, angle, scale)
+        _draw(canvas, track, xs)
+    return _finish(rng, canvas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _video_name(cls: str, group: int, clip: int) -> str:
+    return f"{cls}/v_{cls}_g{group:02d}_c{clip:02d}.avi"
+
+
+def _write(path: Path, frames: np.ndarray, preset: SyntheticPreset) -> None:
+    from sdtl.data.video_io import write_video
+
+    write_video(path, frames, fps=preset.fps, codec=preset.codec, options=dict(ENCODER_OPTIONS))
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory; pass another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir}: directory is not empty; pass --force to replace it or choose another --out")
+
+
+def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: bool = False,
+                       progress=None) -> Path:
+    """Render and encode the dataset of ``preset`` into ``out_dir``; returns ``out_dir``.
+
+    Refuses a non-empty ``out_dir`` unless ``force`` (then it is replaced only once the new data is
+    complete). ``progress``, if given, is called as ``progress(done, total)`` after every video.
+    """
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    seed = int(seed)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling temp dir: same filesystem, so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        total = len(spec.classes) * (spec.train_groups + spec.test_groups) * spec.clips_per_group + spec.pool_size
+        done = 0
+        train_lines, test_lines = [], []
+        for ci, cls in enumerate(spec.classes):
+            for group in range(1, spec.train_groups + spec.test_groups + 1):
+                for clip in range(1, spec.clips_per_group + 1):
+                    name = _video_name(cls, group, clip)
+                    _write(tmp / "videos" / name, render_labelled(spec, seed, ci, group, clip), spec)
+                    if group <= spec.train_groups:
+                        train_lines.append(f"{name} {ci + 1}")
+                    else:
+                        test_lines.append(name)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+        pool_lines = []
+        for index in range(spec.pool_size):
+            rel = f"unlabelled/pool_{index:05d}.avi"
+            _write(tmp / rel, render_pool(spec, seed, index), spec)
+            pool_lines.append(rel)
+            done += 1
+            if progress:
+                progress(done, total)
+        lists = tmp / "lists"
+        lists.mkdir()
+        (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(spec.classes)))
+        (lists / "trainlist01.txt").write_text("".join(line + "\n" for line in train_lines))
+        (lists / "testlist01.txt").write_text("".join(line + "\n" for line in test_lines))
+        (lists / "unlabelled.txt").write_text("".join(line + "\n" for line in pool_lines))
+        meta = {
+            "name": "sdtl-synthetic",
+            "generator_version": GENERATOR_VERSION,
+            "preset": asdict(spec),
+            "seed": seed,
+            "classes": [{"index": i + 1, "name": c, "motion": CLASS_MOTIONS[c]} for i, c in enumerate(spec.classes)],
+            "counts": {"train": len(train_lines), "test": len(test_lines), "unlabelled": len(pool_lines),
+                       "train_per_class": spec.train_per_class, "test_per_class": spec.test_per_class},
+            "groups": {"train": [f"g{g:02d}" for g in range(1, spec.train_groups + 1)],
+                       "test": [f"g{g:02d}" for g in range(spec.train_groups + 1,
+                                                            spec.train_groups + spec.test_groups + 1)]},
+            "frames": spec.frames, "pool_frames": spec.pool_frames, "height": spec.size, "width": spec.size,
+            "fps": spec.fps, "codec": spec.codec, "encoder_options": ENCODER_OPTIONS, "container": "avi",
+            "layout": {"videos": "videos", "lists": "lists", "unlabelled": "unlabelled"},
+        }
+        # No timestamps or timings in meta.json: it must be identical for identical (preset, seed).
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():  # only reachable with force=True
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``sdtl synth`` to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "synth", help="generate the embedded synthetic action-video dataset",
+        description="Render a deterministic synthetic action dataset (classes defined by motion, "
+                    "appearance as nuisance) as H.264 .avi files in UCF101 layout, with a large "
+                    "unlabelled pool for pre-training.")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (must be empty or absent)")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="dataset size (default: small)")
+    parser.add_argument("--seed", default=0, type=int, help="generation seed (default: 0)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    spec = PRESETS.get(args.preset)
+    started = time.perf_counter()
+    out = generate_synthetic(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    print(f"sdtl synth: wrote preset {args.preset!r} (seed {args.seed}) to {out}: "
+          f"{len(spec.classes)} classes, {spec.train_per_class}+{spec.test_per_class} train+test videos per "
+          f"class, {spec.pool_size} unlabelled, in {time.perf_counter() - started:.1f} s")
+    return 0
