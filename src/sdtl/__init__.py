@@ -1,3 +1,10 @@
-"""sdtl: self-distillation guided transfer learning for video action recognition."""
+"""sdtl: self-distillation guided transfer learning for video action recognition.
+
+Where things live (see docs/design.md): clips are sampled in :mod:`sdtl.data`, encoders are built
+in :mod:`sdtl.models`, Algorithm 1's regularizer is :class:`sdtl.SelfDistillation`
+(:mod:`sdtl.regularizers.self_distillation`), and the fine-tuning loop is :mod:`sdtl.engine.finetune`.
+"""
+from sdtl.regularizers.self_distillation import SelfDistillation
 
 __version__ = "0.1.0"
+__all__ = ["SelfDistillation", "__version__"]

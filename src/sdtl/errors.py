@@ -10,3 +10,12 @@ class UserError(Exception):
     """Bad input from the user: printed as a one-line message, exit code 2."""
 
     exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run stopped for a reason found while running (NaN loss, too many corrupt videos).
+
+    The message says what happened, where, and which checkpoint to resume from. Exit code 1.
+    """
+
+    exit_code = 1

@@ -1,0 +1,180 @@
+"""The ``sdtl`` command line.
+
+Each area of the package registers its own subcommands (``register(subparsers)``); this module only
+wires them together, configures logging and turns errors into exit codes:
+0 success, 1 a run that failed while running (:class:`~sdtl.errors.RunFailed`), 2 bad input
+(:class:`~sdtl.errors.UserError`), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sdtl import __version__
+from sdtl.errors import RunFailed, UserError
+
+
+def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--config", metavar="NAME_OR_PATH",
+                   help=f"{kind} recipe name (see `sdtl recipes`) or YAML file; optional with --resume "
+                        f"(then the run's own config.yaml is used)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new unless --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.01 --set regularizer.weight=100 "
+                        "(repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue a run: 'auto' = DIR/checkpoints/last.pt if present, else start fresh; "
+                        "or a checkpoint path")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (same as --set run.deterministic=true)")
+
+
+def _load_run_config(args, kind: str):
+    from pathlib import Path
+
+    from sdtl.engine import config as cfgmod
+
+    overrides = list(args.overrides)
+    if args.deterministic:
+        overrides.append("run.deterministic=true")
+    source = args.config
+    if source is None:
+        existing = Path(args.out) / "config.yaml"
+        if args.resume and existing.exists():
+            source = str(existing)
+        else:
+            raise UserError(f"--config is required (a recipe from `sdtl recipes` or a YAML file); it may be "
+                            f"left out only with --resume on a run directory that has config.yaml")
+    return cfgmod.load_config(source, overrides, kind=kind)
+
+
+def cmd_finetune(args) -> int:
+    from sdtl.engine.finetune import run_finetune
+
+    cfg = _load_run_config(args, "finetune")
+    results = run_finetune(cfg, args.out, resume=args.resume)
+    if results:
+        print(f"video acc@1 {results['video_acc1']:.2f}  acc@5 {results['video_acc5']:.2f}  "
+              f"clip acc@1 {results['clip_acc1']:.2f}  mean-class {results['mean_class_acc']:.2f}  "
+              f"-> {args.out}/results.json")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from sdtl.engine.pretrain import run_pretrain
+
+    cfg = _load_run_config(args, "pretrain")
+    path = run_pretrain(cfg, args.out, resume=args.resume)
+    if path:
+        print(f"encoder checkpoint: {path}  (fine-tune with --set model.pretrained={path})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sdtl.engine.finetune import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.allow_unsafe_pickle)
+    if res:
+        print(f"video acc@1 {res['video_acc1']:.2f}  acc@5 {res['video_acc5']:.2f}  clip acc@1 "
+              f"{res['clip_acc1']:.2f}  mean-class {res['mean_class_acc']:.2f}  -> {args.out}/results.json")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from sdtl.engine.config import list_recipes
+
+    rows = list_recipes()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['kind']:<8}  {r['description']}")
+    if args.show:
+        from sdtl.engine.config import recipe_dir
+
+        path = recipe_dir() / f"{args.show}.yaml"
+        if not path.exists():
+            raise UserError(f"--show {args.show}: no such recipe; pick a name from the list above")
+        print(f"\n# {path}\n{path.read_text()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sdtl.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, data_dir=args.data, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdtl", description="Self-distillation guided transfer learning for video action recognition.")
+    parser.add_argument("--version", action="version", version=f"sdtl {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="fine-tune an encoder (optionally with self-distillation)")
+    _add_run_args(p, "finetune")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="multi-clip test of a fine-tuned checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="an sdtl fine-tuning checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="where results.json and confusion.png go")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set data.root=/data/UCF101 "
+                        "--set eval.num_clips=10 --set eval.crops=3")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)")
+    _add_run_args(p, "pretrain")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("recipes", help="list shipped recipes")
+    p.add_argument("--show", metavar="NAME", help="print one recipe's YAML")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("demo", help="pre-train, then compare scratch / plain / self-distillation over seeds "
+                                    "on the embedded synthetic dataset")
+    p.add_argument("--out", default="sdtl-demo", metavar="DIR", help="output folder (default: sdtl-demo)")
+    p.add_argument("--quick", action="store_true", help="fewer seeds and epochs (a few minutes on 2 cores)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, --quick 2)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="reuse a synthetic dataset written by `sdtl synth` (default: generate into OUT/data)")
+    p.add_argument("--force", action="store_true", help="reuse a non-empty --out, replacing its results")
+    p.set_defaults(func=cmd_demo)
+
+    from sdtl.data import cli as data_cli
+    from sdtl.data import synthetic
+    from sdtl.models import cli as models_cli
+
+    synthetic.register(sub)
+    data_cli.register(sub)
+    models_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"sdtl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunFailed as exc:
+        print(f"sdtl: run failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdtl: interrupted; completed epochs are in the run's checkpoints (resume with --resume auto)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""One typed configuration for a fine-tuning or pre-training run.
+
+A run is described by nested dataclasses (data, model, optim, regularizer, eval, run), read from a
+YAML recipe and overridden with ``--set section.key=value``. Every key is checked against the
+dataclass: an unknown key or a wrong type is a :class:`~sdtl.errors.UserError` naming the dotted key,
+so a typo can never be silently ignored. The effective config is written next to the run
+(``OUT/config.yaml``) and stored in every checkpoint, which is what makes a result reproducible.
+
+Recipes (``src/sdtl/recipes/*.yaml``) are plain YAML files with the same keys; there is no
+inheritance between them, so what a recipe says is all it does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdtl.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled videos are and how clips are cut from them."""
+
+    dataset: str = "synthetic"  # ucf101 | hmdb51 | folder | csv | synthetic
+    root: str = ""  # dataset root (for synthetic: the folder `sdtl synth` wrote)
+    split: int = 1  # official split 1..3
+    lists_dir: str | None = None  # your own split lists instead of the shipped official ones
+    on_missing: str = "error"  # error | skip: files named in the lists but absent on disk
+    clip_len: int = 16
+    stride: int = 1
+    size: int = 112  # spatial crop side
+    val_fraction: float = 0.1  # held out of the training list for model selection (stratified)
+    batch_size: int = 8  # per process; the total batch is batch_size x world size
+    workers: int = 2
+    backend: str = "auto"  # auto | pyav | torchcodec
+    max_corrupt_fraction: float = 0.01  # stop when more training samples than this fail to decode
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder, at which width, initialised from which checkpoint."""
+
+    arch: str = "r2plus1d_vcop"
+    width: float = 1.0  # channel multiplier of sdtl-built encoders (1 = the reference layout)
+    dropout: float = 0.0  # before the linear head
+    pretrained: str | None = None  # encoder checkpoint (RSPNet, torchvision, sdtl pretrain, ...)
+    allow_unsafe_pickle: bool = False  # load a checkpoint that needs full unpickling (trusted files only)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a per-epoch learning-rate schedule."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | multistep | constant
+    min_lr_ratio: float = 1e-3  # cosine decays to lr * min_lr_ratio (RSPNet: lr / 1000)
+    milestones: list[int] = field(default_factory=list)  # multistep epochs
+    gamma: float = 0.1  # multistep factor
+    warmup_epochs: int = 0  # linear warm-up from lr / (warmup_epochs + 1)
+    head_lr_mult: float = 1.0  # learning-rate multiplier for the linear head
+    grad_clip: float | None = None  # max gradient norm; off by default
+    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+
+
+@dataclass
+class RegularizerConfig:
+    """The self-distillation term λ·‖f(x) − f_prev(x)‖² (weight 0 = plain fine-tuning)."""
+
+    weight: float = 0.0  # λ
+    reduction: str = "mean"  # mean (MSE over batch and features) | sum (per-sample squared L2)
+    teacher_bn: str = "eval"  # eval (teacher's running stats) | batch (batch stats, no updates)
+
+
+@dataclass
+class EvalConfig:
+    """Test protocol and model selection."""
+
+    num_clips: int = 10  # clips per test video, starts uniformly spread
+    crops: int = 1  # 1 (centre) or 3 spatial crops
+    val_clips: int = 3  # clips per validation video during training
+    select: str = "val_video_acc1"  # metric that picks the best checkpoint
+    every: int = 1  # validate every N epochs (and always at the last)
+    skip_corrupt: bool = False  # test: skip undecodable videos instead of refusing
+    probe_videos: int = 32  # fixed probe clips for the forgetting diagnostics
+    batch_size: int = 0  # 0 = same as data.batch_size
+
+
+@dataclass
+class RunConfig:
+    """Everything about running rather than learning."""
+
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels; with it a resumed CPU run is bit-exact
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    progress: bool = True  # per-epoch progress bar
+    tensorboard: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PretrainDataConfig:
+    """Unlabelled videos for self-supervised pre-training."""
+
+    root: str = ""  # a folder searched recursively for videos, or the folder `sdtl synth` wrote
+    list: str | None = None  # optional text file of video paths relative to root
+    clip_len: int = 16
+    size: int = 112
+    batch_size: int = 16
+    workers: int = 2
+    backend: str = "auto"
+    max_corrupt_fraction: float = 0.01
+
+
+@dataclass
+class PretrainTaskConfig:
+    """The pretext task. `speed`: classify the frame stride a clip was sampled with (Pace)."""
+
+    name: str = "speed"
+    strides: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+
+@dataclass
+class PretrainConfig:
+    description: str = ""
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    task: PretrainTaskConfig = field(default_factory=PretrainTaskConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+KINDS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
+
+# Allowed values of string options, checked up front so a typo fails before any work starts.
+CHOICES = {
+    "data.dataset": ("ucf101", "hmdb51", "folder", "csv", "synthetic"),
+    "data.on_missing": ("error", "skip"),
+    "data.backend": ("auto", "pyav", "torchcodec"),
+    "optim.schedule": ("cosine", "multistep", "constant"),
+    "optim.amp": ("off", "bf16", "fp16"),
+    "regularizer.reduction": ("mean", "sum"),
+    "regularizer.teacher_bn": ("eval", "batch"),
+    "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "task.name": ("speed",),
+}
+
+
+# --------------------------------------------------------------------------------------- loading
+def recipe_dir() -> Path:
+    return Path(str(resources.files("sdtl") / "recipes"))
+
+
+def list_recipes() -> list[dict]:
+    """Name, kind and description of every shipped recipe."""
+    out = []
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out.append({"name": path.stem, "kind": raw.get("kind", "finetune"),
+                    "description": raw.get("description", ""), "path": str(path)})
+    return out
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = recipe_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            names = ", ".join(r["name"] for r in list_recipes())
+            raise UserError(f"--config {name_or_path}: no such recipe or file; "
+                            f"use one of: {names} (see `sdtl recipes`) or a path to a YAML file")
+    elif not path.exists():
+        raise UserError(f"--config {name_or_path}: file not found; pass a YAML path or a recipe name")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({exc}); fix the file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: expected a mapping of sections at the top level")
+    return raw, str(path)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["optim.lr=0.01", "model.arch=c3d"]`` -> nested dict, values parsed as YAML scalars."""
+    nested: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key=value, e.g. --set optim.lr=0.01")
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise UserError(f"--set {item}: empty key; expected section.key=value")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {part} is set twice with different shapes")
+        node[parts[-1]] = parsed
+    return nested
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str = "finetune"):
+    """Read a recipe or YAML file, apply ``--set`` overrides and validate everything."""
+    raw, source = _read_yaml(name_or_path)
+    file_kind = raw.pop("kind", kind)
+    if file_kind != kind:
+        raise UserError(f"--config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
+                        f"run `sdtl {file_kind}` with it, or pick a {kind} recipe from `sdtl recipes`")
+    merged = _merge(raw, parse_overrides(overrides))
+    return from_dict(KINDS[kind], merged, where="")
+
+
+def config_from_dict(data: dict, kind: str = "finetune"):
+    data = dict(data)
+    data.pop("kind", None)
+    return from_dict(KINDS[kind], data, where="")
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def dump_config(cfg, path: Path, kind: str) -> None:
+    text = yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False)
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------ validation
+def from_dict(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise UserError(f"config {where or 'top level'}: expected a mapping, got {type(data).__name__} "
+                        f"{data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise UserError(f"config key {key}: unknown key; valid keys here are: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    cfg = cls(**kwargs)
+    _check_choices(cfg, where)
+    return cfg
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except UserError:
+                continue
+        raise _type_error(key, tp, value)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _type_error(key, tp, value)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _type_error(key, tp, value)
+    raise _type_error(key, tp, value)
+
+
+def _type_error(key: str, tp, value) -> UserError:
+    name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    return UserError(f"config key {key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _check_choices(cfg, where: str) -> None:
+    for f in dataclasses.fields(cfg):
+        key = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        section_key = ".".join(key.split(".")[-2:])
+        if section_key in CHOICES and value not in CHOICES[section_key]:
+            raise UserError(f"config key {key}: {value!r} is not one of {', '.join(CHOICES[section_key])}")
+
+
+def validate_ranges(cfg) -> None:
+    """Value checks that types alone cannot express (run before any work starts)."""
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise UserError(f"config key {key}: {msg} (got {_get(cfg, key)!r})")
+
+    if isinstance(cfg, FinetuneConfig):
+        r = cfg.regularizer
+        need(r.weight >= 0, "regularizer.weight", "lambda must be >= 0; use 0 for plain fine-tuning")
+        need(cfg.data.split in (1, 2, 3), "data.split", "official splits are 1, 2 or 3")
+        need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+        need(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", "must be in [0, 1]")
+        need(cfg.eval.num_clips >= 1, "eval.num_clips", "must be >= 1")
+        need(cfg.eval.val_clips >= 1, "eval.val_clips", "must be >= 1")
+        need(cfg.eval.crops in (1, 3), "eval.crops", "must be 1 or 3")
+        need(cfg.eval.every >= 1, "eval.every", "must be >= 1")
+        need(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0")
+    data = cfg.data
+    need(data.clip_len >= 1, "data.clip_len", "must be >= 1")
+    need(data.size >= 8, "data.size", "must be >= 8 pixels")
+    need(data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(data.workers >= 0, "data.workers", "must be >= 0")
+    o = cfg.optim
+    need(o.epochs >= 1, "optim.epochs", "must be >= 1")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0, or null to disable")
+    need(o.schedule != "multistep" or bool(o.milestones), "optim.milestones",
+         "multistep needs a list of epochs, e.g. [50, 70, 90]")
+    need(cfg.model.width > 0, "model.width", "must be > 0")
+    need(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

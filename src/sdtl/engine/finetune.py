@@ -1,0 +1,478 @@
+"""Fine-tuning with self-distillation (the paper's Algorithm 1), end to end.
+
+The story of a run (``sdtl finetune --config RECIPE --out DIR``):
+
+1. Everything the user gave is checked before anything is written: config keys and values, the
+   dataset lists and files, the architecture and the pre-trained checkpoint.
+2. The training list is split into train and a stratified validation part (``data.val_fraction``);
+   model selection uses validation only — never the test list.
+3. Each epoch ``t``: if λ > 0, :meth:`SelfDistillation.snapshot` freezes a copy of the encoder as the
+   teacher (at epoch 1, the pre-trained encoder); every batch minimises
+   ``CE(g(f(x)), y) + λ·‖f(x) − f'(x)‖²`` on the same augmented clips. With λ = 0 no teacher exists.
+   Then validation, forgetting diagnostics, ``metrics.jsonl`` / TensorBoard / ``curves.png``, and an
+   atomic checkpoint (``checkpoints/last.pt``, ``best.pt`` when validation improves).
+4. At the end, the selected (best) and the last checkpoints are both tested with the multi-clip
+   protocol; ``results.json`` and ``confusion.png`` are written.
+
+Checkpoints are written at epoch boundaries and hold model, optimizer, scheduler, scaler, RNG
+states and history. The teacher needs nothing more: at an epoch boundary it *is* the model, so a
+resumed run re-snapshots it from the restored weights. With ``run.deterministic`` on CPU, a run
+killed at any moment and resumed (``--resume auto``) ends bit-identical to an uninterrupted one,
+because every random choice of the data pipeline is seeded by (seed, epoch, sample index).
+
+The same code runs under ``torchrun --nproc_per_node=N`` (DDP, one teacher per rank, rank 0 writes).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtl.engine import config as cfgmod
+from sdtl.engine import distributed as dist_utils
+from sdtl.engine.diagnostics import ForgettingProbe
+from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
+from sdtl.engine.reporting import RunLog
+from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
+                                  check_finite, configure_determinism, progress, resolve_resume,
+                                  restore_rng, seed_everything)
+from sdtl.errors import RunFailed, UserError
+from sdtl.regularizers.self_distillation import SelfDistillation
+
+log = logging.getLogger("sdtl.finetune")
+
+CHECKPOINT_VERSION = 1
+
+
+class FeaturesAndLogits(nn.Module):
+    """Wraps a VideoClassifier so that one DDP-visible forward returns logits and features."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
+
+
+# ----------------------------------------------------------------------------------- building
+def model_options(cfg) -> dict:
+    """Architecture options recorded in checkpoints (what `build_model` needs besides the arch)."""
+    opts = {"dropout": cfg.model.dropout}
+    if cfg.model.width != 1.0:
+        opts["width"] = cfg.model.width
+    return opts
+
+
+def build_datasets(cfg, need_train: bool = True):
+    """(train, val, test) datasets and the class names, from lists only (no decoding)."""
+    from sdtl.data.datasets import VideoClipDataset, list_records, stratified_split
+
+    d = cfg.data
+    if not d.root:
+        raise UserError("config key data.root: empty; point it at the dataset folder, e.g. "
+                        "--set data.root=/data/UCF101 (for the demo data: `sdtl synth --out DIR` first)")
+    common = dict(clip_len=d.clip_len, stride=d.stride, size=d.size, backend=d.backend, seed=cfg.run.seed)
+    test_records, classes = list_records(d.dataset, d.root, split=d.split, subset="test",
+                                         lists_dir=d.lists_dir, on_missing=d.on_missing)
+    test = VideoClipDataset(test_records, classes, mode="test", num_clips=cfg.eval.num_clips,
+                            crops=cfg.eval.crops, skip_corrupt=True, **common)
+    if not need_train:
+        return None, None, test, classes
+    records, train_classes = list_records(d.dataset, d.root, split=d.split, subset="train",
+                                          lists_dir=d.lists_dir, on_missing=d.on_missing)
+    if list(train_classes) != list(classes):
+        raise UserError(f"data.root {d.root}: train and test lists disagree on the classes; check the "
+                        f"split lists")
+    if d.val_fraction > 0:
+        train_records, val_records = stratified_split(records, fraction=d.val_fraction, seed=cfg.run.seed)
+    else:
+        train_records, val_records = records, []
+    train = VideoClipDataset(train_records, classes, mode="train", skip_corrupt=True, **common)
+    val = (VideoClipDataset(val_records, classes, mode="test", num_clips=cfg.eval.val_clips, crops=1,
+                            skip_corrupt=True, **common) if val_records else None)
+    return train, val, test, classes
+
+
+def build_classifier(cfg, num_classes: int, load_pretrained: bool = True):
+    from sdtl.models import build_model
+    from sdtl.models.checkpoints import load_encoder_weights
+
+    model = build_model(cfg.model.arch, num_classes, **model_options(cfg))
+    report = None
+    if load_pretrained and cfg.model.pretrained:
+        report = load_encoder_weights(model.encoder, cfg.model.pretrained, cfg.model.arch,
+                                      allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+    return model, report
+
+
+def _probe_clips(cfg, train_ds, classes) -> torch.Tensor:
+    """A fixed batch of centre clips from training videos, the same for every epoch and resume."""
+    from sdtl.data.datasets import VideoClipDataset
+
+    g = torch.Generator().manual_seed(cfg.run.seed + 7919)
+    order = torch.randperm(len(train_ds.records), generator=g).tolist()
+    chosen = [train_ds.records[i] for i in order[: cfg.eval.probe_videos]]
+    ds = VideoClipDataset(chosen, classes, mode="test", num_clips=1, crops=1, clip_len=cfg.data.clip_len,
+                          stride=cfg.data.stride, size=cfg.data.size, backend=cfg.data.backend,
+                          seed=cfg.run.seed, skip_corrupt=True)
+    clips = [ds[i]["video"] for i in range(len(ds))]
+    clips = [c[0] for c in clips if c.shape[0] > 0]
+    return torch.stack(clips) if clips else torch.empty(0)
+
+
+# ------------------------------------------------------------------------------------ training
+def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optimizer, scaler, cfg,
+                    info, epoch: int, tracker, last_good: str) -> dict:
+    """One pass over the training set; returns the epoch's train metrics."""
+    device = info.device
+    dtype = amp_dtype(cfg.optim.amp, device)
+    model.train()
+    meter = EpochMeter()
+    lr = optimizer.param_groups[0]["lr"]
+    bar = progress(len(loader), f"epoch {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress)
+    failed_epoch = 0
+    for step, batch in enumerate(loader, start=1):
+        meter.data_ready()
+        if batch.get("failed"):
+            failed_epoch += len(batch["failed"])
+        tracker.update(batch.get("failed", []), num_samples=len(batch["label"]))
+        clips = batch["video"].to(device, non_blocking=True)
+        labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            # Teacher first: its transient activations are freed before the student's are saved,
+            # so self-distillation adds no activation memory to the step's peak.
+            target = sd.teacher_features(clips) if sd is not None else None
+            logits, features = model_ddp(clips)
+            ce = F.cross_entropy(logits.float(), labels)
+            parts = {"ce": ce}
+            if sd is not None:
+                parts["sd"] = sd.penalty(target, features)
+            loss = sum(parts.values())
+        parts_check = dict(parts)
+        if info.enabled:
+            # A NaN on one rank must stop every rank at the same step, not hang the others.
+            flag = torch.tensor([float(torch.isfinite(loss).all())], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if flag.item() < 1:
+                parts_check["loss (on another rank)"] = torch.tensor(float("nan"))
+        check_finite(parts_check, epoch, step, last_good)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        values = {"loss": float(loss)}
+        values.update({k: float(v) for k, v in parts.items()})
+        meter.step_done(values, clips.shape[0] * info.world_size)
+        bar.update(1)
+        if step % 5 == 0 or step == len(loader):
+            bar.set_postfix(meter.postfix(lr), refresh=False)
+    bar.close()
+    means = meter.means()
+    means = dict(zip(means, dist_utils.all_reduce_sum(info, list(means.values()))))
+    out = {f"train_{k}": v / info.world_size for k, v in means.items()}
+    out.update(meter.summary())
+    out["lr"] = lr
+    out["corrupt_skipped"] = failed_epoch
+    return out
+
+
+def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes, history, best, probe) -> dict:
+    return {
+        "sdtl_format": "finetune", "version": CHECKPOINT_VERSION,
+        "arch": cfg.model.arch, "arch_options": model_options(cfg),
+        "num_classes": len(classes), "class_names": list(classes),
+        "config": cfgmod.to_dict(cfg), "epoch": epoch,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": capture_rng(), "history": history, "best": best,
+        # The teacher of the next epoch is a snapshot of "model"; nothing else to store.
+        "teacher": {"source": "model", "weight": cfg.regularizer.weight},
+        "probe_prev_features": None if probe is None else probe.prev_features,
+    }
+
+
+def _better(select: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if select == "val_loss" else value > best
+
+
+def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | None = None) -> dict | None:
+    """Run a whole fine-tuning job; returns the results dict on rank 0 (None on other ranks)."""
+    out_dir = Path(out_dir)
+    cfgmod.validate_ranges(cfg)
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        return _run(cfg, out_dir, resume, info)
+    finally:
+        dist_utils.teardown()
+
+
+def _run(cfg, out_dir: Path, resume, info) -> dict | None:
+    from sdtl.data.corrupt import CorruptVideoTracker, check_failures
+    from sdtl.models.checkpoints import safe_load, save_checkpoint
+
+    configure_determinism(cfg.run.deterministic, cfg.run.threads)
+    amp_dtype(cfg.optim.amp, info.device)  # fail early on CPU + AMP
+    resume_path = resolve_resume(out_dir, resume)
+    state = safe_load(resume_path) if resume_path else None
+    if state is not None and state.get("sdtl_format") != "finetune":
+        raise UserError(f"--resume {resume_path}: not an sdtl fine-tuning checkpoint "
+                        f"(format {state.get('sdtl_format')!r}); pass checkpoints/last.pt of a finetune run")
+
+    seed_everything(cfg.run.seed)
+    train_ds, val_ds, test_ds, classes = build_datasets(cfg)
+    model, load_report = build_classifier(cfg, len(classes), load_pretrained=state is None)
+    model.to(info.device)
+    seed_everything(cfg.run.seed + info.rank)
+
+    optimizer = build_optimizer(cfg.optim, model.encoder, model.head)
+    scheduler = build_scheduler(cfg.optim, optimizer)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.optim.amp == "fp16")
+    history: list[dict] = []
+    best = {"metric": cfg.eval.select, "value": None, "epoch": None}
+    start_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best = list(state["history"]), dict(state["best"])
+        start_epoch = state["epoch"] + 1
+
+    ckpt_dir = out_dir / "checkpoints"
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune")
+    dist_utils.barrier(info)
+
+    # Forgetting probe: reference features of the encoder fine-tuning starts from.
+    probe_path = out_dir / "probe.pt"
+    probe = None
+    if cfg.eval.probe_videos > 0:
+        if state is not None and probe_path.exists():
+            probe = ForgettingProbe.load(probe_path, state.get("probe_prev_features"))
+        elif state is None:
+            clips = _probe_clips(cfg, train_ds, classes)
+            if len(clips):
+                probe = ForgettingProbe.build(model.encoder, clips, info.device)
+                if info.is_main:
+                    probe.save(probe_path)
+
+    sd = None
+    if cfg.regularizer.weight > 0:
+        sd = SelfDistillation(model.encoder, weight=cfg.regularizer.weight,
+                              reduction=cfg.regularizer.reduction, teacher_bn=cfg.regularizer.teacher_bn)
+    model_ddp = FeaturesAndLogits(model)
+    if info.enabled:
+        model_ddp = nn.parallel.DistributedDataParallel(
+            model_ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=cfg.run.seed)
+    from sdtl.data.datasets import collate_clips
+
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.data.batch_size, sampler=sampler,
+                                         num_workers=cfg.data.workers, collate_fn=collate_clips,
+                                         drop_last=True, pin_memory=info.device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError(f"config key data.batch_size: {cfg.data.batch_size} x {info.world_size} process(es) "
+                        f"is larger than the {len(train_ds)} training videos; lower data.batch_size")
+    eval_bs = cfg.eval.batch_size or cfg.data.batch_size
+    val_loader = make_eval_loader(val_ds, eval_bs, info, cfg.data.workers) if val_ds is not None else None
+    tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,
+                                  max_fraction=cfg.data.max_corrupt_fraction)
+    run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, history)
+    if info.is_main:
+        _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info)
+
+    if state is not None:
+        restore_rng(state["rng"])
+        if info.rank:
+            seed_everything(cfg.run.seed + info.rank + 1000003 * state["epoch"])
+    last_path = ckpt_dir / "last.pt"
+    dtype = amp_dtype(cfg.optim.amp, info.device)
+    for epoch in range(start_epoch, cfg.optim.epochs + 1):
+        train_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        if sd is not None:
+            sd.snapshot()
+        tracker.reset_epoch()
+        record = {"epoch": epoch}
+        record.update(train_one_epoch(model_ddp, model, sd, loader, optimizer, scaler, cfg, info, epoch,
+                                      tracker, str(last_path) if last_path.exists() else "none yet"))
+        scheduler.step()
+        is_last = epoch == cfg.optim.epochs
+        if val_loader is not None and (epoch % cfg.eval.every == 0 or is_last):
+            val = evaluate(model, val_loader, len(classes), info, eval_bs, dtype)
+            record.update({f"val_{k}": v for k, v in val.metrics.items() if k != "per_class_acc"})
+        if probe is not None:
+            record.update(probe.measure(model.encoder, info.device))
+        select_value = record.get(cfg.eval.select) if cfg.eval.select != "last" else epoch
+        improved = select_value is not None and _better(cfg.eval.select, select_value, best["value"])
+        if improved:
+            best = {"metric": cfg.eval.select, "value": select_value, "epoch": epoch}
+        record["best_epoch"] = best["epoch"]
+        run_log.log_epoch(record)
+        if info.is_main:
+            payload = _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes,
+                                          run_log.history, best, probe)
+            save_checkpoint(payload, last_path)
+            if improved:
+                _atomic_copy(last_path, ckpt_dir / "best.pt")
+            _log_epoch_line(record, cfg)
+        dist_utils.barrier(info)
+    run_log.close()
+
+    if state is not None and start_epoch > cfg.optim.epochs and info.is_main:
+        log.info("training already finished at epoch %d; running the final test only", state["epoch"])
+    results = final_test(cfg, model, test_ds, classes, out_dir, info, best)
+    if info.is_main and results is not None:
+        check_failures(results.pop("_failed"), skip=cfg.eval.skip_corrupt)
+    return results if info.is_main else None
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict) -> dict | None:
+    """Test the selected and the last checkpoint; write results.json and confusion.png."""
+    from sdtl.models.checkpoints import safe_load
+
+    ckpt_dir = out_dir / "checkpoints"
+    eval_bs = cfg.eval.batch_size or cfg.data.batch_size
+    loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
+    dtype = amp_dtype(cfg.optim.amp, info.device)
+    outputs = {}
+    for tag, path in (("selected", ckpt_dir / "best.pt"), ("last", ckpt_dir / "last.pt")):
+        if not path.exists():
+            continue
+        state = safe_load(path)
+        model.load_state_dict(state["model"])
+        t0 = time.perf_counter()
+        outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype), state["epoch"], path,
+                        time.perf_counter() - t0)
+    if "selected" not in outputs:
+        outputs["selected"] = outputs["last"]
+    if not info.is_main:
+        return None
+    return write_results(out_dir, cfg, classes, outputs, best, test_ds)
+
+
+def protocol(cfg, split_name: str, checkpoint: str, epoch: int, selected_by: str) -> dict:
+    return {
+        "split": f"{cfg.data.dataset} split {cfg.data.split} ({split_name} list)",
+        "views": cfg.eval.num_clips, "crops": cfg.eval.crops,
+        "crop": "centre square (side = min(H, W)) resized to %d" % cfg.data.size
+        if cfg.eval.crops == 1 else "3 square crops along the long side, resized to %d" % cfg.data.size,
+        "clip": f"{cfg.data.clip_len} frames, stride {cfg.data.stride}",
+        "aggregation": "mean of raw logits over all clips of a video",
+        "checkpoint": checkpoint, "epoch": epoch, "selected_by": selected_by,
+    }
+
+
+def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_ds) -> dict:
+    sel, sel_epoch, sel_path, sel_time = outputs["selected"]
+    last, last_epoch, last_path, _ = outputs["last"]
+    rel = (lambda p: str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p))
+    selected_by = (f"best {best['metric']} on the validation part of the training list"
+                   if best.get("epoch") and cfg.eval.select != "last" else "last epoch")
+    metrics = {k: v for k, v in sel.metrics.items() if k != "per_class_acc"}
+    results = {
+        **metrics,
+        "protocol": protocol(cfg, "test", rel(sel_path), sel_epoch, selected_by),
+        "per_class_acc": dict(zip(classes, sel.metrics["per_class_acc"])),
+        "num_test_videos": sel.num_videos, "num_test_clips": sel.num_clips,
+        "skipped_corrupt": len(sel.failed), "eval_time_s": sel_time,
+        "selected": {"checkpoint": rel(sel_path), "epoch": sel_epoch, **metrics},
+        "last": {"checkpoint": rel(last_path), "epoch": last_epoch,
+                 **{k: v for k, v in last.metrics.items() if k != "per_class_acc"}},
+        "regularizer": cfgmod.to_dict(cfg)["regularizer"],
+        "pretrained": cfg.model.pretrained,
+        "_failed": sel.failed,
+    }
+    if not sel.failed or cfg.eval.skip_corrupt:
+        write_json(out_dir / "results.json", {k: v for k, v in results.items() if k != "_failed"})
+        plot_confusion(sel.confusion, list(classes), out_dir / "confusion.png",
+                       f"video-level confusion (epoch {sel_epoch}, acc@1 {metrics['video_acc1']:.1f}%)")
+        log.info("test (selected, epoch %d): video acc@1 %.2f acc@5 %.2f | clip acc@1 %.2f | mean-class %.2f",
+                 sel_epoch, metrics["video_acc1"], metrics["video_acc5"], metrics["clip_acc1"],
+                 metrics["mean_class_acc"])
+    return results
+
+
+def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info) -> None:
+    lam = cfg.regularizer.weight
+    method = (f"self-distillation λ={lam:g} ({cfg.regularizer.reduction}, teacher BN {cfg.regularizer.teacher_bn})"
+              if lam > 0 else "plain fine-tuning (λ=0)")
+    init = cfg.model.pretrained or "random init (from scratch)"
+    log.info("sdtl finetune → %s | %s | %s, %d classes: %d train / %d val / %d test videos | arch %s %s | "
+             "init: %s%s | %d process(es) on %s%s",
+             out_dir, method, cfg.data.dataset, len(classes), len(train_ds), len(val_ds) if val_ds else 0,
+             len(test_ds), cfg.model.arch, model_options(cfg), init,
+             f" ({load_report})" if load_report is not None else "", info.world_size, info.device,
+             f" | resumed from {resume_path}" if resume_path else "")
+
+
+def _log_epoch_line(record: dict, cfg) -> None:
+    keys = ["train_loss", "train_ce", "train_sd", "val_video_acc1", "feat_drift", "clips_per_s", "data_wait"]
+    parts = [f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))]
+    log.info("epoch %d/%d %s", record["epoch"], cfg.optim.epochs, " ".join(parts))
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
+                        allow_unsafe_pickle: bool = False) -> dict:
+    """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
+    from sdtl.data.corrupt import check_failures
+    from sdtl.models.checkpoints import build_model_from_checkpoint
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (out_dir / "results.json").exists():
+        raise UserError(f"--out {out_dir}: already holds results.json; choose another --out directory")
+    model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    base = payload.get("config") or {}
+    merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
+    cfg = cfgmod.config_from_dict(merged, "finetune")
+    cfgmod.validate_ranges(cfg)
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        configure_determinism(cfg.run.deterministic, cfg.run.threads)
+        _, _, test_ds, classes = build_datasets(cfg, need_train=False)
+        if list(classes) != list(payload.get("class_names", classes)):
+            raise UserError(f"--checkpoint {checkpoint}: its classes differ from the test list of "
+                            f"{cfg.data.root}; evaluate on the dataset it was trained on")
+        model.to(info.device)
+        eval_bs = cfg.eval.batch_size or cfg.data.batch_size
+        loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
+        t0 = time.perf_counter()
+        out = evaluate(model, loader, len(classes), info, eval_bs, amp_dtype(cfg.optim.amp, info.device))
+        elapsed = time.perf_counter() - t0
+        if not info.is_main:
+            return {}
+        skipped = check_failures(out.failed, skip=cfg.eval.skip_corrupt)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: v for k, v in out.metrics.items() if k != "per_class_acc"}
+        results = {**metrics,
+                   "protocol": protocol(cfg, "test", str(checkpoint), payload.get("epoch"), "given checkpoint"),
+                   "per_class_acc": dict(zip(classes, out.metrics["per_class_acc"])),
+                   "num_test_videos": out.num_videos, "num_test_clips": out.num_clips,
+                   "skipped_corrupt": skipped or 0, "eval_time_s": elapsed}
+        write_json(out_dir / "results.json", results)
+        plot_confusion(out.confusion, list(classes), out_dir / "confusion.png",
+                       f"video-level confusion (acc@1 {metrics['video_acc1']:.1f}%)")
+        return results
+    finally:
+        dist_utils.teardown()

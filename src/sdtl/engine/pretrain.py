@@ -1,0 +1,272 @@
+"""Self-supervised pre-training of an encoder on unlabelled videos (``sdtl pretrain``).
+
+The first task is playback-speed prediction (the "Pace" baseline the paper cites, and one half of
+RSPNet's objective): a clip of ``clip_len`` frames is sampled with a frame stride drawn from
+``task.strides`` (default 1/2/4/8) and the encoder + a linear head classify which stride it was.
+Doing so needs motion features — the same features the action classes of the downstream task need.
+
+A pretext task is a small class with ``num_outputs``, ``sample(num_frames, generator) -> (indices,
+target)`` and a loss; :data:`TASKS` maps names to them. Adding RSPNet's relative-speed perception or
+its appearance-focused contrastive task means adding a class here (and its key in the config's
+``task.name`` choices); the loop, checkpoints and resume stay as they are.
+
+The result is ``OUT/checkpoints/encoder.pt`` (an ``sdtl-pretrain`` checkpoint) that
+``sdtl finetune --set model.pretrained=OUT/checkpoints/encoder.pt`` loads; ``last.pt`` holds the full
+training state for ``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtl.engine import config as cfgmod
+from sdtl.engine import distributed as dist_utils
+from sdtl.engine.reporting import RunLog
+from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
+                                  check_finite, configure_determinism, progress, resolve_resume,
+                                  restore_rng, seed_everything)
+from sdtl.errors import UserError
+
+log = logging.getLogger("sdtl.pretrain")
+
+VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v"}
+
+
+class SpeedPrediction:
+    """Classify the frame stride (playback speed) a clip was sampled with."""
+
+    def __init__(self, strides: list[int], clip_len: int) -> None:
+        if not strides or any(s < 1 for s in strides) or len(set(strides)) != len(strides):
+            raise UserError(f"config key task.strides: {strides} must be distinct integers >= 1, e.g. [1, 2, 4, 8]")
+        self.strides = list(strides)
+        self.clip_len = clip_len
+        self.num_outputs = len(strides)
+
+    def sample(self, num_frames: int, generator: torch.Generator) -> tuple[list[int], int]:
+        from sdtl.data.sampling import sample_train_clip
+
+        target = int(torch.randint(len(self.strides), (1,), generator=generator))
+        indices = sample_train_clip(num_frames, self.clip_len, self.strides[target], generator)
+        return indices, target
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target)
+
+
+TASKS = {"speed": SpeedPrediction}
+
+
+def find_videos(root: str, list_file: str | None) -> list[Path]:
+    """The unlabelled pool: ``root/unlabelled`` (sdtl synth layout), a list file, or every video under root."""
+    base = Path(root)
+    if not root or not base.is_dir():
+        raise UserError(f"config key data.root: {root!r} is not a folder; point it at unlabelled videos "
+                        f"(e.g. the folder `sdtl synth --out DIR` wrote)")
+    if list_file is None and (base / "lists" / "unlabelled.txt").exists():
+        list_file = str(base / "lists" / "unlabelled.txt")
+    if list_file is not None:
+        lf = Path(list_file)
+        if not lf.is_file():
+            raise UserError(f"config key data.list: {list_file} not found; give a text file of video paths")
+        paths, missing = [], []
+        for n, line in enumerate(lf.read_text().splitlines(), start=1):
+            name = line.strip().split()[0] if line.strip() else ""
+            if not name:
+                continue
+            p = base / name
+            (paths if p.exists() else missing).append(p)
+        if missing:
+            raise UserError(f"data.list {list_file}: {len(missing)} listed videos are missing under {root} "
+                            f"(first: {', '.join(str(m) for m in missing[:3])}); fix the list or the root")
+    else:
+        paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    if not paths:
+        raise UserError(f"config key data.root: no videos found under {root} "
+                        f"({', '.join(sorted(VIDEO_SUFFIXES))}); check the path")
+    return paths
+
+
+class PretextClipDataset(torch.utils.data.Dataset):
+    """Unlabelled videos -> (augmented clip, pretext target). Undecodable videos are replaced."""
+
+    def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int) -> None:
+        from sdtl.data.transforms import build_train_transform
+
+        self.paths = paths
+        self.task = task
+        self.transform = build_train_transform(size=size)
+        self.backend = backend
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        from sdtl.data.datasets import sample_generator
+        from sdtl.data.video_io import VideoDecodeError, open_video
+
+        g = sample_generator(self.seed, self.epoch, index)
+        failed = []
+        for _attempt in range(10):
+            path = self.paths[index]
+            try:
+                with open_video(path, self.backend) as reader:
+                    indices, target = self.task.sample(reader.num_frames, g)
+                    frames = reader.get_frames(indices)
+                return {"video": self.transform(frames, g), "label": target, "video_index": index,
+                        "clip_index": 0, "failed": failed}
+            except VideoDecodeError as exc:
+                failed.append((str(path), str(exc)))
+                index = int(torch.randint(len(self.paths), (1,), generator=g))
+        raise VideoDecodeError(self.paths[index], "10 videos in a row failed to decode; check the dataset "
+                                                  "with `sdtl data check --decode`")
+
+
+class PretextModel(nn.Module):
+    def __init__(self, encoder: nn.Module, num_outputs: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_outputs)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None) -> Path | None:
+    """Pre-train an encoder; returns the path of the encoder checkpoint (rank 0)."""
+    out_dir = Path(out_dir)
+    cfgmod.validate_ranges(cfg)
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        return _run(cfg, out_dir, resume, info)
+    finally:
+        dist_utils.teardown()
+
+
+def _run(cfg, out_dir: Path, resume, info) -> Path | None:
+    from sdtl.data.corrupt import CorruptVideoTracker
+    from sdtl.data.datasets import collate_clips
+    from sdtl.engine.finetune import model_options
+    from sdtl.models import build_encoder
+    from sdtl.models.checkpoints import safe_load, save_checkpoint
+
+    configure_determinism(cfg.run.deterministic, cfg.run.threads)
+    dtype = amp_dtype(cfg.optim.amp, info.device)
+    resume_path = resolve_resume(out_dir, resume)
+    state = safe_load(resume_path) if resume_path else None
+    if state is not None and state.get("sdtl_format") != "pretrain":
+        raise UserError(f"--resume {resume_path}: not an sdtl pre-training checkpoint; pass "
+                        f"checkpoints/last.pt of a pretrain run")
+    task = TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
+    paths = find_videos(cfg.data.root, cfg.data.list)
+    seed_everything(cfg.run.seed)
+    encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
+    model = PretextModel(encoder, task.num_outputs).to(info.device)
+    seed_everything(cfg.run.seed + info.rank)
+    optimizer = build_optimizer(cfg.optim, model.encoder, model.head)
+    scheduler = build_scheduler(cfg.optim, optimizer)
+    history, start_epoch = [], 1
+    if state is not None:
+        model.encoder.load_state_dict(state["encoder"])
+        model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = list(state["history"]), state["epoch"] + 1
+
+    ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=cfg.run.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, sampler=sampler,
+                                         num_workers=cfg.data.workers, collate_fn=collate_clips,
+                                         drop_last=True, pin_memory=info.device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError(f"config key data.batch_size: {cfg.data.batch_size} x {info.world_size} is larger than "
+                        f"the {len(ds)} unlabelled videos; lower data.batch_size")
+    ckpt_dir = out_dir / "checkpoints"
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain")
+        log.info("sdtl pretrain → %s | task %s %s | %d videos | arch %s %s | %d process(es) on %s",
+                 out_dir, cfg.task.name, cfg.task.strides, len(ds), cfg.model.arch, model_options(cfg),
+                 info.world_size, info.device)
+    ddp = model
+    if info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,
+                                  max_fraction=cfg.data.max_corrupt_fraction)
+    run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, history)
+    if state is not None:
+        restore_rng(state["rng"])
+    last_path = ckpt_dir / "last.pt"
+    for epoch in range(start_epoch, cfg.optim.epochs + 1):
+        ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        tracker.reset_epoch()
+        model.train()
+        meter = EpochMeter()
+        correct = seen = 0
+        lr = optimizer.param_groups[0]["lr"]
+        bar = progress(len(loader), f"pretrain {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress)
+        for step, batch in enumerate(loader, start=1):
+            meter.data_ready()
+            tracker.update(batch.get("failed", []), num_samples=len(batch["label"]))
+            clips = batch["video"].to(info.device, non_blocking=True)
+            target = torch.as_tensor(batch["label"]).to(info.device)
+            with torch.autocast(info.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = ddp(clips)
+                loss = task.loss(logits, target)
+            check_finite({task.__class__.__name__: loss}, epoch, step,
+                         str(last_path) if last_path.exists() else "none yet")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(target)
+            meter.step_done({"loss": float(loss)}, len(target) * info.world_size)
+            bar.update(1)
+            if step % 5 == 0:
+                bar.set_postfix(meter.postfix(lr), refresh=False)
+        bar.close()
+        scheduler.step()
+        loss_sum, c, s = dist_utils.all_reduce_sum(info, [meter.means()["loss"], correct, seen])
+        record = {"epoch": epoch, "train_loss": loss_sum / info.world_size, "train_acc": 100.0 * c / max(1, s),
+                  "lr": lr, **meter.summary()}
+        run_log.log_epoch(record)
+        if info.is_main:
+            save_checkpoint(_payload(cfg, model, epoch, history=run_log.history, optimizer=optimizer,
+                                     scheduler=scheduler), last_path)
+            log.info("pretrain epoch %d/%d loss %.4f pretext acc %.1f%% clips/s %.1f", epoch, cfg.optim.epochs,
+                     record["train_loss"], record["train_acc"], record["clips_per_s"])
+        dist_utils.barrier(info)
+    run_log.close()
+    if not info.is_main:
+        return None
+    encoder_path = ckpt_dir / "encoder.pt"
+    save_checkpoint(_payload(cfg, model, cfg.optim.epochs, history=run_log.history), encoder_path)
+    return encoder_path
+
+
+def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None, scheduler=None) -> dict:
+    from sdtl.engine.finetune import model_options
+
+    payload = {
+        "sdtl_format": "pretrain", "version": 1, "arch": cfg.model.arch,
+        "arch_options": {k: v for k, v in model_options(cfg).items() if k != "dropout"},
+        "task": cfg.task.name, "task_options": {"strides": list(cfg.task.strides)},
+        "epoch": epoch, "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
+        "config": cfgmod.to_dict(cfg), "history": history,
+    }
+    if optimizer is not None:
+        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=capture_rng())
+    return payload

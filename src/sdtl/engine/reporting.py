@@ -1,0 +1,87 @@
+"""What a run leaves behind for people: metrics.jsonl, TensorBoard events, curves.png.
+
+One JSON line per epoch in ``OUT/metrics.jsonl`` (train loss parts, throughput, data-wait share,
+validation metrics, forgetting diagnostics); the same scalars in TensorBoard under ``OUT/tb``; and
+``OUT/curves.png`` redrawn every epoch. On resume the history stored in the checkpoint is the
+source of truth and metrics.jsonl is rewritten from it, so a run killed between writing a line and
+writing its checkpoint never shows an epoch twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, history: list[dict] | None = None) -> None:
+        self.out_dir = out_dir
+        self.enabled = enabled
+        self.history: list[dict] = list(history or [])
+        self.writer = None
+        if not enabled:
+            return
+        self._rewrite()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged after its last checkpoint.
+            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=len(self.history) + 1)
+
+    def _rewrite(self) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(path)
+
+    def log_epoch(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["epoch"]
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+            self.writer.flush()
+        plot_curves(self.history, self.out_dir / "curves.png")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    panels = [
+        ("training loss", ["train_loss", "train_ce", "train_sd"]),
+        ("validation accuracy (%)", ["val_video_acc1", "val_clip_acc1"]),
+        ("forgetting (relative drift)", ["feat_drift", "epoch_drift", "param_drift"]),
+        ("learning rate", ["lr"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,185 @@
+"""Pieces shared by every training loop in sdtl (fine-tuning and pre-training).
+
+Optimizer and learning-rate schedule, seeding and determinism, RNG state capture for exact resume,
+the run-directory rules (never overwrite a run silently), and the per-epoch progress meter.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdtl.errors import RunFailed, UserError
+
+
+# ------------------------------------------------------------------------------- run directory
+def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
+    """Decide which checkpoint to resume from, refusing to touch an existing run unasked.
+
+    ``resume=None``: ``out_dir`` must not hold a run (or anything else). ``"auto"``: resume from
+    ``out_dir/checkpoints/last.pt`` when it exists, else start fresh. A path: that checkpoint.
+    """
+    last = out_dir / "checkpoints" / "last.pt"
+    if resume is None:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            what = "a run" if (out_dir / "config.yaml").exists() or last.exists() else "files"
+            raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
+                            f"or choose a new --out directory")
+        return None
+    if resume == "auto":
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no such checkpoint file; pass --resume auto or a path "
+                        f"to a last.pt / best.pt written by sdtl")
+    return path
+
+
+# -------------------------------------------------------------------------- seeding, determinism
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool, threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def capture_rng() -> dict:
+    """Every RNG the loop draws from, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py_internal, py_version, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- optimiser, schedule
+def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None) -> torch.optim.SGD:
+    groups = [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": optim_cfg.lr,
+               "name": "encoder"}]
+    if head is not None:
+        groups.append({"params": [p for p in head.parameters() if p.requires_grad],
+                       "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "name": "head"})
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                           weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.nesterov)
+
+
+def lr_factor(optim_cfg, epoch_index: int) -> float:
+    """Learning-rate multiplier for the 0-based epoch ``epoch_index`` (constant within an epoch).
+
+    Cosine (RSPNet): from 1 at the first epoch after warm-up to ``min_lr_ratio`` at the last.
+    Multistep: ×gamma at each milestone (1-based epoch numbers, as recipes write them).
+    Warm-up: linear from 1/(W+1) over the first W epochs.
+    """
+    w = optim_cfg.warmup_epochs
+    if epoch_index < w:
+        return (epoch_index + 1) / (w + 1)
+    if optim_cfg.schedule == "constant":
+        return 1.0
+    if optim_cfg.schedule == "multistep":
+        passed = sum(1 for m in optim_cfg.milestones if epoch_index + 1 > m)
+        return optim_cfg.gamma ** passed
+    span = max(1, optim_cfg.epochs - w - 1)
+    t = min(1.0, (epoch_index - w) / span)
+    lo = optim_cfg.min_lr_ratio
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(optim_cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(optim_cfg, e))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"config key optim.amp: {amp} mixed precision needs a CUDA device; "
+                        f"set --set optim.amp=off on CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def check_finite(parts: dict[str, torch.Tensor], epoch: int, step: int, last_good: str) -> None:
+    """Stop on a NaN/Inf loss, naming the step and the loss part (the last checkpoint is kept)."""
+    for name, value in parts.items():
+        if not torch.isfinite(value).all():
+            raise RunFailed(f"loss part '{name}' became {float(value)} at epoch {epoch}, step {step}; "
+                            f"training stopped. The last good checkpoint is {last_good}. Lower optim.lr, "
+                            f"enable optim.grad_clip, or lower regularizer.weight, then resume from it")
+
+
+# ------------------------------------------------------------------------------------ progress
+class EpochMeter:
+    """Running sums for one epoch: loss parts, clips/s, and the share of time spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.clips = 0
+        self.data_time = 0.0
+        self.start = time.perf_counter()
+        self._mark = self.start
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_time += now - self._mark
+        self._mark = now
+
+    def step_done(self, parts: dict[str, float], clips: int) -> None:
+        self.steps += 1
+        self.clips += clips
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self._mark = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+    def summary(self) -> dict[str, float]:
+        el = max(self.elapsed, 1e-9)
+        return {"clips_per_s": self.clips / el, "data_wait": self.data_time / el, "epoch_time_s": el}
+
+    def postfix(self, lr: float) -> dict[str, str]:
+        m = self.means()
+        s = self.summary()
+        out = {k: f"{v:.4g}" for k, v in m.items()}
+        out.update(lr=f"{lr:.3g}", clips_s=f"{s['clips_per_s']:.1f}", wait=f"{100 * s['data_wait']:.0f}%")
+        return out
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)

@@ -1,0 +1,120 @@
+"""The regularizer of Algorithm 1: exact values, snapshot semantics, no gradient into the teacher."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdtl import SelfDistillation
+
+
+def small_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 6))
+
+
+def clips(seed: int = 1, n: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 4, 8, 8, generator=g)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_penalty_exact_value(reduction):
+    enc = small_encoder()
+    sd = SelfDistillation(enc, weight=3.5, reduction=reduction)
+    sd.snapshot()
+    x = clips()
+    with torch.no_grad():
+        teacher = sd.teacher(x)
+    student = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    diff2 = (student - teacher) ** 2
+    expected = diff2.mean() if reduction == "mean" else diff2.sum(dim=1).mean()
+    got = sd(x, student)
+    assert torch.allclose(got, 3.5 * expected, rtol=1e-6, atol=1e-7)
+    # 'sum' is exactly D times 'mean' for the same inputs (D = 6 features).
+    other = SelfDistillation(enc, weight=3.5, reduction="mean" if reduction == "sum" else "sum")
+    other.teacher = sd.teacher
+    ratio = got / other(x, student)
+    assert torch.allclose(ratio, torch.tensor(1 / 6 if reduction == "mean" else 6.0), rtol=1e-5)
+
+
+def test_zero_penalty_after_snapshot_with_batch_statistics():
+    enc = small_encoder()
+    with torch.no_grad():  # move running stats away from their init so "eval" mode differs
+        enc(clips(9) * 3 + 1)
+    enc.train()
+    sd = SelfDistillation(enc, weight=10.0, teacher_bn="batch")
+    sd.snapshot()
+    running_before = enc[1].running_mean.clone()
+    x = clips()
+    penalty = sd(x, enc(x))
+    assert penalty.item() == 0.0
+    # the student's own BN update happened once; the teacher updated nothing of the student's
+    assert not torch.equal(enc[1].running_mean, running_before)
+    assert sd.teacher[1].running_mean is None  # batch statistics, no buffers to update
+
+    sd_eval = SelfDistillation(enc, weight=10.0, teacher_bn="eval")
+    sd_eval.snapshot()
+    assert sd_eval(x, enc(x)).item() > 0  # running stats differ from batch stats
+
+
+def test_teacher_is_frozen_deep_copy_and_gets_no_gradient():
+    enc = small_encoder()
+    sd = SelfDistillation(enc, weight=1.0)
+    sd.snapshot()
+    t_params = dict(sd.teacher.named_parameters())
+    for name, p in enc.named_parameters():
+        assert p.data_ptr() != t_params[name].data_ptr(), f"{name} shared with the teacher"
+        assert not t_params[name].requires_grad
+    x = clips()
+    loss = sd(x, enc(x))
+    loss.backward()
+    assert all(p.grad is None for p in sd.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    # the regularizer does not own the student: it must not appear in its parameters or state dict
+    assert {id(p) for p in sd.parameters()}.isdisjoint({id(p) for p in enc.parameters()})
+
+
+def test_teacher_at_epoch_t_equals_student_at_end_of_epoch_t_minus_1():
+    enc = small_encoder()
+    head = nn.Linear(6, 3)
+    opt = torch.optim.SGD(list(enc.parameters()) + list(head.parameters()), lr=0.5)
+    sd = SelfDistillation(enc, weight=1.0)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    end_of_epoch = None
+    for epoch in range(3):
+        sd.snapshot()
+        if end_of_epoch is not None:
+            for k, v in sd.teacher.state_dict().items():
+                assert torch.equal(v, end_of_epoch[k]), f"teacher {k} != student at end of epoch {epoch - 1}"
+        for step in range(2):
+            x = clips(10 * epoch + step)
+            f = enc(x)
+            loss = nn.functional.cross_entropy(head(f), y) + sd(x, f)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        end_of_epoch = {k: v.clone() for k, v in enc.state_dict().items()}
+        # training moved the student but not the teacher
+        assert not torch.equal(enc[0].weight, sd.teacher[0].weight)
+
+
+def test_teacher_runs_in_inference_mode_and_keeps_no_graph():
+    enc = small_encoder()
+    sd = SelfDistillation(enc, weight=1.0)
+    sd.snapshot()
+    out = sd.teacher_features(clips())
+    assert out.is_inference() and out.grad_fn is None
+
+
+def test_invalid_arguments():
+    enc = small_encoder()
+    with pytest.raises(ValueError, match="lambda"):
+        SelfDistillation(enc, weight=-1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        SelfDistillation(enc, reduction="max")
+    with pytest.raises(ValueError, match="teacher_bn"):
+        SelfDistillation(enc, teacher_bn="train")
+    with pytest.raises(RuntimeError, match="snapshot"):
+        SelfDistillation(enc)(clips(), torch.zeros(5, 6))
