@@ -44,7 +44,7 @@ class TorchvisionVideoEncoder(VideoResNet):
         self.fc = nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The map before pooling: ``[B, 512, T/8, H/16, W/16]`` (512x2x7x7 at 16x112x112)."""
+        """The map before pooling: ``[B, 512, T', H/16, W/16]``; T' = T/8 except mc3_18 (T)."""
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
