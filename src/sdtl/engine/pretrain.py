@@ -94,11 +94,9 @@ class PretextClipDataset(torch.utils.data.Dataset):
     """Unlabelled videos -> (augmented clip, pretext target). Undecodable videos are replaced."""
 
     def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int) -> None:
-        from sdtl.data.transforms import build_train_transform
-
         self.paths = paths
         self.task = task
-        self.transform = build_train_transform(size=size)
+        self.size = size
         self.backend = backend
         self.seed = seed
         self.epoch = 0
@@ -111,6 +109,7 @@ class PretextClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         from sdtl.data.datasets import sample_generator
+        from sdtl.data.transforms import train_transform
         from sdtl.data.video_io import VideoDecodeError, open_video
 
         g = sample_generator(self.seed, self.epoch, index)
@@ -121,7 +120,7 @@ class PretextClipDataset(torch.utils.data.Dataset):
                 with open_video(path, self.backend) as reader:
                     indices, target = self.task.sample(reader.num_frames, g)
                     frames = reader.get_frames(indices)
-                return {"video": self.transform(frames, g), "label": target, "video_index": index,
+                return {"video": train_transform(frames, self.size, generator=g), "label": target, "video_index": index,
                         "clip_index": 0, "failed": failed}
             except VideoDecodeError as exc:
                 failed.append((str(path), str(exc)))
