@@ -1,0 +1,212 @@
+"""``sdtl data check`` and ``sdtl data bench``: look at a dataset before training on it.
+
+``register(subparsers)`` is wired into the ``sdtl`` entry point by :mod:`sdtl.cli`.
+
+* ``check``: class count, train/test counts, files named in the lists but missing; with ``--decode``
+  every video is decoded (in parallel) and the corrupt ones, and those that cannot be seeked
+  frame-exactly (decoded from the start, slower), are listed -- cf. mmaction2's ``check_videos``.
+* ``bench``: clips/s for decode only, decode + transforms, and the full DataLoader with N workers,
+  per backend; and the time to construct the dataset. It tells whether the decoder or the model
+  sets the pace (``shared/REFERENCE.md`` section 6, complaint 1). The measuring functions are reused
+  by ``benchmarks/data_pipeline.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import torch
+
+from sdtl.data import datasets as D
+from sdtl.data.sampling import sample_train_clip
+from sdtl.data.video_io import VideoDecodeError, available_backends, backend_report, open_video, probe_video
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Dataset parameters")
+    g.add_argument("--dataset", required=True, choices=sorted(D.BUILDERS), help="dataset layout")
+    g.add_argument("--root", required=True, help="dataset root (the folder holding the class folders)")
+    g.add_argument("--split", type=int, default=1, help="official split 1..3 (default 1)")
+    g.add_argument("--lists-dir", default=None, help="your own split lists instead of the shipped ones")
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="check or benchmark a video dataset",
+                                 description="Inspect a video dataset: lists, missing and corrupt files, speed.")
+    sub = data.add_subparsers(dest="data_command", metavar="{check,bench}")
+    sub.required = True
+
+    check = sub.add_parser("check", help="counts, missing files and (with --decode) corrupt videos")
+    _add_dataset_args(check)
+    check.add_argument("--decode", action="store_true", help="decode every video and list the corrupt ones")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    check.set_defaults(func=run_check)
+
+    bench = sub.add_parser("bench", help="clips/s of decoding, transforms and the DataLoader")
+    _add_dataset_args(bench)
+    bench.add_argument("--subset", default="train", choices=("train", "test"))
+    bench.add_argument("--clips", type=int, default=64, help="clips per measurement")
+    bench.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--clip-len", type=int, default=16)
+    bench.add_argument("--size", type=int, default=112)
+    bench.add_argument("--backend", action="append", choices=("pyav", "torchcodec"),
+                       help="backend(s) to measure (default: every available one)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=run_bench)
+
+
+# --------------------------------------------------------------------------- check
+
+def _probe_one(path: str) -> dict:
+    torch.set_num_threads(1)
+    try:
+        probe = probe_video(path)
+    except VideoDecodeError as exc:
+        return {"path": path, "error": exc.reason}
+    return {"path": path, "frames": probe.num_frames, "sequential": probe.sequential}
+
+
+def decode_all(paths: list[str], workers: int) -> list[dict]:
+    """Decode every file (``probe_video``) in ``workers`` processes; one result dict per path, in order."""
+    if workers <= 1 or len(paths) <= 1:
+        return [_probe_one(p) for p in paths]
+    with multiprocessing.get_context("spawn" if sys.platform != "linux" else "fork").Pool(workers) as pool:
+        return list(pool.imap(_probe_one, paths, chunksize=4))
+
+
+def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool = False,
+                  workers: int = 1) -> dict:
+    """The report of ``sdtl data check`` as a dict (also its ``--json`` output)."""
+    classes, subsets, files_root = D.read_lists(name, root, split, lists_dir)
+    report = {"dataset": name, "root": str(root), "split": split, "classes": len(classes),
+              "class_names": classes}
+    found, missing = {}, []
+    for subset in ("train", "test"):
+        entries = subsets.get(subset) or []
+        records, miss = D.match_files(files_root, entries)
+        report[subset] = len(records)
+        found[subset] = records
+        missing += [m.relpath for m in miss]
+    report["missing"] = missing
+    report["corrupt"] = []
+    report["sequential"] = []
+    if decode:
+        paths = list(dict.fromkeys(str(r.path) for rs in found.values() for r in rs))
+        t0 = time.perf_counter()
+        results = decode_all(paths, workers)
+        report["decoded"] = len(results)
+        report["decode_seconds"] = round(time.perf_counter() - t0, 2)
+        report["corrupt"] = [{"path": r["path"], "error": r["error"]} for r in results if "error" in r]
+        report["sequential"] = [{"path": r["path"], "reason": r["sequential"]} for r in results
+                                if r.get("sequential")]
+    report["backends"] = backend_report()
+    return report
+
+
+def _print_check(rep: dict) -> None:
+    print(f"dataset {rep['dataset']} (split {rep['split']}) at {rep['root']}")
+    print(f"  classes: {rep['classes']}")
+    print(f"  train:   {rep['train']} videos")
+    print(f"  test:    {rep['test']} videos")
+    miss = rep["missing"]
+    print(f"  missing: {len(miss)}" + (f" (first: {', '.join(miss[:10])}{', ...' if len(miss) > 10 else ''})"
+                                       if miss else ""))
+    if "decoded" in rep:
+        print(f"  decoded: {rep['decoded']} videos in {rep['decode_seconds']} s")
+        print(f"  corrupt: {len(rep['corrupt'])}")
+        for c in rep["corrupt"]:
+            print(f"    {c['path']}: {c['error']}")
+        print(f"  decoded from the start (cannot be seeked frame-exactly, slower): {len(rep['sequential'])}")
+        for s in rep["sequential"][:20]:
+            print(f"    {s['path']}: {s['reason']}")
+        if len(rep["sequential"]) > 20:
+            print(f"    ... and {len(rep['sequential']) - 20} more (see --json)")
+    for name, status in rep["backends"].items():
+        print(f"  backend {name}: {status}")
+
+
+def run_check(args) -> int:
+    rep = check_dataset(args.dataset, args.root, args.split, args.lists_dir, args.decode, args.workers)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _print_check(rep)
+    return 1 if rep["missing"] or rep["corrupt"] else 0
+
+
+# --------------------------------------------------------------------------- bench
+
+def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: int = 0) -> float:
+    """Clips/s of open + decode of one random training clip per video, in this process."""
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for i in range(clips):
+        with open_video(records[i % len(records)].path, backend) as reader:
+            reader.get_frames(sample_train_clip(reader.num_frames, clip_len, 1, g))
+    return clips / (time.perf_counter() - t0)
+
+
+def measure_dataset(dataset, clips: int) -> float:
+    """Clips/s of ``dataset[i]`` (decode + transforms) in this process."""
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(clips):
+        item = dataset[i % len(dataset)]
+        n += item["video"].shape[0] if item["video"].dim() == 5 else 1
+    return n / (time.perf_counter() - t0)
+
+
+def measure_loader(dataset, clips: int, workers: int, batch_size: int) -> float:
+    """Steady-state clips/s of a DataLoader (worker start-up and the first batch not counted)."""
+    n_items = max(clips, 2 * batch_size * max(workers, 1))
+    sampler = [i % len(dataset) for i in range(n_items + batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         collate_fn=D.collate_clips, prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += batch["video"].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def bench_dataset(name: str, root, split: int = 1, lists_dir=None, subset: str = "train", clips: int = 64,
+                  workers: int = 2, batch_size: int = 8, clip_len: int = 16, size: int = 112,
+                  backends=None) -> dict:
+    t0 = time.perf_counter()
+    records, classes = D.list_records(name, root, split, subset, lists_dir, on_missing="skip")
+    construct = time.perf_counter() - t0
+    result = {"dataset": name, "videos": len(records), "construct_seconds": round(construct, 4),
+              "backends": {}, "unavailable": {}}
+    for b in backends or ("torchcodec", "pyav"):
+        if b not in available_backends():
+            result["unavailable"][b] = backend_report()[b]
+            continue
+        ds = D.VideoClipDataset(records, classes, mode=subset, clip_len=clip_len, size=size, backend=b)
+        result["backends"][b] = {
+            "decode_clips_per_s": round(measure_decode(records, b, clips, clip_len), 1),
+            "decode_transform_clips_per_s": round(measure_dataset(ds, clips), 1),
+            f"loader_{workers}w_clips_per_s": round(measure_loader(ds, clips, workers, batch_size), 1),
+        }
+    return result
+
+
+def run_bench(args) -> int:
+    res = bench_dataset(args.dataset, args.root, args.split, args.lists_dir, args.subset, args.clips, args.workers,
+                        args.batch_size, args.clip_len, args.size, args.backend)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"dataset {res['dataset']}: {res['videos']} videos, constructed in {res['construct_seconds']:.3f} s")
+    for b, r in res["backends"].items():
+        print(f"  {b:10s} " + "  ".join(f"{k.replace('_clips_per_s', '')}: {v} clips/s" for k, v in r.items()))
+    for b, why in res["unavailable"].items():
+        print(f"  {b:10s} unavailable: {why}")
+    return 0

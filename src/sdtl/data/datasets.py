@@ -1,0 +1,492 @@
+"""Labelled video datasets: one generic clip dataset, thin builders for UCF101, HMDB51 and users' data.
+
+Called by the engine (fine-tuning, evaluation), ``sdtl data check|bench`` and the tests:
+
+* :func:`list_records` -- ``(records, classes)`` from a split list and ONE directory listing per class
+  folder. No decoding, no per-file ``stat``: 13,320 UCF101 entries take milliseconds (torchvision's
+  ``VideoClips`` decodes every file to build its index).
+* :func:`build_dataset` -- ``list_records`` + :class:`VideoClipDataset`.
+* :class:`VideoClipDataset` -- decodes one clip per item (train) or ``num_clips`` clips (test).
+* :func:`collate_clips`, :func:`stratified_split`.
+
+Dataset layouts (``root``):
+
+* ``ucf101``: ``<Class>/<video>.avi`` (or any video extension: files are matched by stem, so transcoded
+  copies work); official lists shipped with sdtl, or ``lists_dir`` in the same format.
+* ``hmdb51``: ``<class>/<video>.avi``; official ``testTrainMulti_7030_splits`` shipped.
+* ``synthetic``: what ``sdtl synth`` writes: UCF101 layout in ``<root>/videos``, lists in ``<root>/lists``.
+* ``folder``: ``<class>/<video>`` (classes = sorted sub-folders). Subsets from ``<root>/train`` and
+  ``<root>/test`` when both exist, else from UCF101-style ``trainlist0K.txt``/``testlist0K.txt`` in
+  ``lists_dir`` (lines ``<class>/<video> [label]``), else every video is in ``train`` and there is no test.
+* ``csv``: ``<lists_dir or root>/<subset>.csv`` (split 1; ``<subset><K>.csv`` or ``.txt`` for other
+  splits) with lines ``path,label`` or ``path label``; label a 0-based int or a class name; an optional
+  ``classes.txt`` fixes the class order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtl.data import splits as S
+from sdtl.data.sampling import sample_test_clips, sample_train_clip
+from sdtl.data.transforms import test_transform, train_transform
+from sdtl.data.video_io import VideoDecodeError, open_video, resolve_backend
+from sdtl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".ogv", ".3gp", ".ts", ".mts", ".vob")
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One labelled video. ``name`` is the path as written in the list (stable across transcoding)."""
+
+    path: Path
+    label: int
+    name: str
+
+
+# --------------------------------------------------------------------------- matching lists to files
+
+class _DirIndex:
+    """Directory listings, read once each with ``os.scandir``; case-insensitive name and stem lookup.
+
+    Works on plain strings (pathlib objects cost ~20 us each, which matters at 13,320 entries).
+    """
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+        self._listings: dict[str, tuple[dict, dict, dict]] = {}
+
+    def _listing(self, folder: str):
+        listing = self._listings.get(folder)
+        if listing is None:
+            dirs, files, stems = {}, {}, {}
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        try:
+                            is_dir = entry.is_dir()
+                        except OSError:
+                            continue
+                        if is_dir:
+                            dirs.setdefault(entry.name.lower(), entry.name)
+                        else:
+                            files[entry.name] = entry.name
+                            stems.setdefault(os.path.splitext(entry.name)[0].lower(), []).append(entry.name)
+            except OSError:
+                pass
+            listing = self._listings[folder] = (dirs, files, stems)
+        return listing
+
+    def subdirs(self, folder) -> list[str]:
+        return sorted(self._listing(str(folder))[0].values())
+
+    def videos(self, folder) -> list[str]:
+        return sorted(n for n in self._listing(str(folder))[1] if n.lower().endswith(VIDEO_EXTENSIONS))
+
+    def find(self, relpath: str) -> Path | None:
+        """The file for ``relpath``: exact name, else same stem (any case) with a video extension.
+
+        Folder names are matched exactly, else case-insensitively (``HandstandPushups`` vs
+        ``HandStandPushups`` copies of UCF101)."""
+        if os.path.isabs(relpath):
+            folder, parts = os.path.dirname(relpath), [os.path.basename(relpath)]
+        else:
+            folder, parts = self.root, [p for p in relpath.split("/") if p not in ("", ".")]
+        if not parts:
+            return None
+        for part in parts[:-1]:
+            dirs = self._listing(folder)[0]
+            real = dirs.get(part.lower())
+            if real != part and part in dirs.values():
+                real = part
+            if real is None:
+                return None
+            folder = os.path.join(folder, real)
+        _, files, stems = self._listing(folder)
+        name = parts[-1]
+        if name in files:
+            return Path(folder, name)
+        stem, ext = os.path.splitext(name)
+        candidates = stems.get(stem.lower())
+        if not candidates:
+            return None
+        ext = ext.lower()
+        for cand in sorted(candidates, key=lambda c: (os.path.splitext(c)[1].lower() != ext, c)):
+            low = cand.lower()
+            if low.endswith(VIDEO_EXTENSIONS) or (ext and low.endswith(ext)):
+                return Path(folder, cand)
+        return None
+
+
+def _check_root(root) -> Path:
+    if root is None or str(root) == "":
+        raise UserError("dataset root not given; pass --root <folder holding the class folders>")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"{root}: dataset root does not exist; check --root")
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset root is not a folder; check --root")
+    return root
+
+
+def match_files(root: Path, entries: list[S.ListEntry],
+                index: _DirIndex | None = None) -> tuple[list[VideoRecord], list[S.ListEntry]]:
+    """``(records found on disk, entries whose file is missing)``; reads directory listings only."""
+    index = index or _DirIndex(root)
+    records, missing = [], []
+    for e in entries:
+        path = index.find(e.relpath)
+        if path is None:
+            missing.append(e)
+        else:
+            records.append(VideoRecord(path, e.label, e.relpath))
+    return records, missing
+
+
+def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str) -> list[VideoRecord]:
+    """List entries -> records with real paths; missing files reported together."""
+    if on_missing not in ("error", "skip"):
+        raise UserError(f"on_missing={on_missing!r}: use 'error' or 'skip'")
+    records, missing = match_files(root, entries)
+    if missing:
+        first = ", ".join(m.relpath for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        lists = sorted({m.where.rsplit(":", 1)[0] for m in missing})
+        source = lists[0] if len(lists) == 1 else f"{len(lists)} list files"
+        if not records:
+            example = entries[0].relpath if entries else "?"
+            raise UserError(f"{root}: none of the {len(entries)} {what} videos named in {source} is there "
+                            f"(e.g. {example}); --root must be the folder holding the class folders")
+        msg = (f"{root}: {len(missing)} of {len(entries)} {what} videos named in {source} are missing "
+               f"(first: {first})")
+        if on_missing == "error":
+            raise UserError(f"{msg}; restore them, or pass --on-missing skip (on_missing='skip') to leave "
+                            f"them out")
+        log.warning("%s; skipped (on_missing='skip')", msg)
+    return records
+
+
+# --------------------------------------------------------------------------- builders
+
+def _official(lists_dir, shipped: str):
+    return S.shipped_lists(shipped) if lists_dir is None else Path(lists_dir).expanduser()
+
+
+def _ucf101(root: Path, split: int, lists_dir):
+    split = S.check_split(split)
+    classes, train, test = S.read_ucf101_split(_official(lists_dir, "ucfTrainTestlist"), split)
+    return classes, {"train": train, "test": test}, root
+
+
+def _hmdb51(root: Path, split: int, lists_dir):
+    split = S.check_split(split)
+    classes, train, test = S.read_hmdb51_split(_official(lists_dir, "testTrainMulti_7030_splits"), split)
+    return classes, {"train": train, "test": test}, root
+
+
+def _synthetic(root: Path, split: int, lists_dir):
+    split = S.check_split(split, (1,), "the synthetic dataset")
+    lists = Path(lists_dir).expanduser() if lists_dir is not None else root / "lists"
+    if not (lists / "classInd.txt").is_file():
+        raise UserError(f"{lists}: no classInd.txt; --root must be the folder `sdtl synth` wrote "
+                        f"(holding videos/ and lists/)")
+    classes, train, test = S.read_ucf101_split(lists, split)
+    return classes, {"train": train, "test": test}, _check_root(root / "videos")
+
+
+def _folder(root: Path, split: int, lists_dir):
+    index = _DirIndex(root)
+    subsets = {s.lower(): s for s in index.subdirs(root)}
+    if "train" in subsets and "test" in subsets:
+        S.check_split(split, (1,), "a folder dataset with train/ and test/")
+        classes = index.subdirs(root / subsets["train"])
+        by_name = {c: i for i, c in enumerate(classes)}
+        out = {}
+        for subset in ("train", "test"):
+            base = root / subsets[subset]
+            entries = []
+            for cls in index.subdirs(base):
+                if cls not in by_name:
+                    raise UserError(f"{base / cls}: class folder not in {root / subsets['train']}; "
+                                    f"train/ and test/ need the same class folders")
+                entries += [S.ListEntry(f"{subsets[subset]}/{cls}/{v}", by_name[cls], str(base / cls))
+                            for v in index.videos(base / cls)]
+            out[subset] = entries
+        return classes, out, root
+    classes = index.subdirs(root)
+    if not classes:
+        raise UserError(f"{root}: no class sub-folders; a folder dataset is <root>/<class>/<video>")
+    if lists_dir is not None:
+        lists = Path(lists_dir).expanduser()
+        out = {}
+        for subset, name in (("train", f"trainlist{split:02d}.txt"), ("test", f"testlist{split:02d}.txt")):
+            file = lists / name
+            if not file.is_file():
+                raise UserError(f"{file}: split list not found; a folder dataset's lists are "
+                                f"trainlist0K.txt / testlist0K.txt with lines '<class>/<video> [label]'")
+            out[subset] = S.label_rows(S.read_path_list(file), classes)
+        return classes, out, root
+    S.check_split(split, (1,), "a folder dataset without split lists")
+    entries = [S.ListEntry(f"{cls}/{v}", label, str(root / cls))
+               for label, cls in enumerate(classes) for v in index.videos(root / cls)]
+    return classes, {"train": entries, "test": None}, root
+
+
+def _csv(root: Path, split: int, lists_dir):
+    lists = Path(lists_dir).expanduser() if lists_dir is not None else root
+
+    def find(subset):
+        names = [f"{subset}{split}.csv", f"{subset}{split}.txt"]
+        if split == 1:
+            names += [f"{subset}.csv", f"{subset}.txt"]
+        for name in names:
+            if (lists / name).is_file():
+                return lists / name
+        return None
+
+    files = {s: find(s) for s in ("train", "test")}
+    if not any(files.values()):
+        raise UserError(f"{lists}: no train/test list for split {split}; a csv dataset needs "
+                        f"{'train.csv / test.csv' if split == 1 else f'train{split}.csv / test{split}.csv'} "
+                        f"with lines 'path,label'")
+    rows = {s: S.read_path_list(f) if f else None for s, f in files.items()}
+    if (lists / "classes.txt").is_file():
+        classes = S.read_class_names(lists / "classes.txt")
+    else:
+        classes = S.classes_from_rows([r for rs in rows.values() if rs for r in rs])
+    out = {s: S.label_rows(r, classes) if r is not None else None for s, r in rows.items()}
+    return classes, out, root
+
+
+#: The dataset builders by name: ``(root, split, lists_dir) -> (classes, {subset: entries}, files_root)``.
+BUILDERS = {"ucf101": _ucf101, "hmdb51": _hmdb51, "folder": _folder, "csv": _csv, "synthetic": _synthetic}
+
+
+def read_lists(name: str, root, split: int = 1, lists_dir=None):
+    """``(classes, {"train": entries, "test": entries or None}, files_root)``: parse the lists only."""
+    if name not in BUILDERS:
+        raise UserError(f"dataset {name!r}: unknown; use one of {', '.join(BUILDERS)}")
+    return BUILDERS[name](_check_root(root), split, lists_dir)
+
+
+def list_records(name: str, root, split: int = 1, subset: str = "train", lists_dir=None,
+                 on_missing: str = "error") -> tuple[list[VideoRecord], list[str]]:
+    """``(records, classes)`` of one subset of a dataset, from its lists and directory listings only."""
+    if subset not in ("train", "test"):
+        raise UserError(f"subset {subset!r}: use 'train' or 'test'")
+    classes, subsets, files_root = read_lists(name, root, split, lists_dir)
+    root = Path(root).expanduser()
+    entries = subsets.get(subset)
+    if entries is None:
+        raise UserError(f"{root}: this {name} dataset has no {subset} list; add split lists "
+                        f"(--lists-dir) or train/ and test/ folders")
+    if not entries:
+        raise UserError(f"{root}: the {subset} list of this {name} dataset is empty (split {split})")
+    records = _resolve(files_root, entries, on_missing, subset)
+    return records, classes
+
+
+def build_dataset(name: str, root, split: int = 1, subset: str = "train", lists_dir=None,
+                  on_missing: str = "error", **clip_kwargs) -> "VideoClipDataset":
+    """:func:`list_records` + :class:`VideoClipDataset` (``mode`` defaults to ``subset``)."""
+    records, classes = list_records(name, root, split, subset, lists_dir, on_missing)
+    clip_kwargs.setdefault("mode", subset)
+    return VideoClipDataset(records, classes, **clip_kwargs)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample: a hash of ``(seed, epoch, index)``, independent of worker layout."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class VideoClipDataset(torch.utils.data.Dataset):
+    """Clips of labelled videos.
+
+    Train item (``mode="train"``)::
+
+        {"video": float[3, T, S, S], "label": int, "video_index": int, "clip_index": 0,
+         "failed": [(path, reason), ...]}   # undecodable videos replaced by another random video
+
+    Test item (``mode="test"``)::
+
+        {"video": float[N*crops, 3, T, S, S], "label": int, "video_index": int,
+         "clip_index": long[N*crops], "failed": [...]}   # clip-major: view k = clip k // crops
+
+    A test video that cannot be decoded gives 0 clips and one ``failed`` entry (or raises
+    :class:`VideoDecodeError` with ``skip_corrupt=False``); refuse or report them with
+    :func:`sdtl.data.corrupt.check_failures`.
+
+    Every random choice of item ``i`` comes from ``sample_generator(seed, epoch, i)``: the same
+    clips and crops whatever the number of workers, and a resumed run sees exactly the batches it
+    would have seen. Call :meth:`set_epoch` before iterating each epoch. With
+    ``persistent_workers=True`` the workers keep their own copy of the dataset and never see
+    ``set_epoch``: use non-persistent workers (the default) for per-epoch randomness.
+    """
+
+    #: undecodable videos tried in a row before giving up on an item (no endless retry loops)
+    max_replacements = 10
+
+    def __init__(self, records: list[VideoRecord], classes: list[str], mode: str = "train", clip_len: int = 16,
+                 stride: int = 1, num_clips: int = 10, crops: int = 1, size: int = 112, backend: str = "auto",
+                 seed: int = 0, skip_corrupt: bool = True):
+        if mode not in ("train", "test"):
+            raise UserError(f"mode {mode!r}: use 'train' or 'test'")
+        if not records:
+            raise UserError("empty dataset: no videos to load; check the root and the split lists")
+        if not classes:
+            raise UserError("dataset without classes; check the split lists")
+        for r in records:
+            if not isinstance(r.label, (int, np.integer)) or not 0 <= r.label < len(classes):
+                raise UserError(f"{r.path}: label {r.label!r} out of range 0..{len(classes) - 1} "
+                                f"({len(classes)} classes); fix the list that names {r.name}")
+        for key, value in (("clip_len", clip_len), ("stride", stride), ("num_clips", num_clips), ("size", size)):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{key}={value!r}: must be a positive integer")
+        if crops not in (1, 3):
+            raise UserError(f"crops={crops!r}: use 1 (centre) or 3 (three crops along the long side)")
+        self.records = list(records)
+        self.classes = list(classes)
+        self.mode = mode
+        self.clip_len, self.stride, self.num_clips, self.crops, self.size = clip_len, stride, num_clips, crops, size
+        self.backend = resolve_backend(backend)  # resolved once here, so every worker uses the same one
+        self.seed = int(seed)
+        self.skip_corrupt = skip_corrupt
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.records)} videos")
+        generator = sample_generator(self.seed, self.epoch, index)
+        if self.mode == "train":
+            return self._train_item(index, generator)
+        return self._test_item(index)
+
+    def _train_item(self, index: int, generator: torch.Generator) -> dict:
+        failed = []
+        for _ in range(self.max_replacements + 1):
+            record = self.records[index]
+            try:
+                with open_video(record.path, self.backend) as reader:
+                    frames = reader.get_frames(
+                        sample_train_clip(reader.num_frames, self.clip_len, self.stride, generator))
+                break
+            except VideoDecodeError as exc:
+                if not self.skip_corrupt:
+                    raise
+                failed.append((str(record.path), exc.reason))
+                index = int(torch.randint(0, len(self.records), (1,), generator=generator))
+        else:
+            raise UserError(f"{len(failed)} videos in a row could not be decoded (last: {failed[-1][0]}: "
+                            f"{failed[-1][1]}); run `sdtl data check --decode` on this dataset")
+        video = train_transform(frames, self.size, generator=generator)
+        return {"video": video, "label": record.label, "video_index": index, "clip_index": 0, "failed": failed}
+
+    def _test_item(self, index: int) -> dict:
+        record = self.records[index]
+        views = self.num_clips * self.crops
+        try:
+            with open_video(record.path, self.backend) as reader:
+                clips = sample_test_clips(reader.num_frames, self.clip_len, self.stride, self.num_clips)
+                frames = reader.get_frames([i for clip in clips for i in clip])  # one pass for all clips
+        except VideoDecodeError as exc:
+            if not self.skip_corrupt:
+                raise
+            empty = torch.zeros(0, 3, self.clip_len, self.size, self.size)
+            return {"video": empty, "label": record.label, "video_index": index,
+                    "clip_index": torch.zeros(0, dtype=torch.long), "failed": [(str(record.path), exc.reason)]}
+        frames = frames.view(self.num_clips, self.clip_len, *frames.shape[1:])
+        video = torch.cat([test_transform(clip, self.size, self.crops) for clip in frames])
+        return {"video": video, "label": record.label, "video_index": index,
+                "clip_index": torch.arange(views), "failed": []}
+
+
+def collate_clips(batch: list[dict]) -> dict:
+    """Train items stack to ``[B,3,T,S,S]``; test items concatenate clips to ``[sum N_i, 3,T,S,S]`` with
+    ``label`` and ``video_index`` repeated per clip. ``failed`` lists are concatenated."""
+    failed = [f for item in batch for f in item["failed"]]
+    if batch[0]["video"].dim() == 4:
+        return {"video": torch.stack([b["video"] for b in batch]),
+                "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+                "video_index": torch.tensor([b["video_index"] for b in batch], dtype=torch.long),
+                "clip_index": torch.tensor([b["clip_index"] for b in batch], dtype=torch.long),
+                "failed": failed}
+    counts = [b["video"].shape[0] for b in batch]
+    return {"video": torch.cat([b["video"] for b in batch]),
+            "label": torch.tensor([b["label"] for b, n in zip(batch, counts) for _ in range(n)], dtype=torch.long),
+            "video_index": torch.tensor([b["video_index"] for b, n in zip(batch, counts) for _ in range(n)],
+                                        dtype=torch.long),
+            "clip_index": torch.cat([b["clip_index"] for b in batch]).long(),
+            "failed": failed}
+
+
+# --------------------------------------------------------------------------- validation split
+
+_UCF_GROUP = re.compile(r"_g(\d+)_c\d+", re.IGNORECASE)
+
+
+def ucf101_group(record: VideoRecord) -> str | None:
+    """UCF101 group (``gNN``: same actors and scene) of a video, or None if the name has no group."""
+    m = _UCF_GROUP.search(Path(record.name).stem)
+    return m.group(1) if m else None
+
+
+def stratified_split(records: list[VideoRecord], fraction: float = 0.1, seed: int = 0,
+                     group_key=ucf101_group) -> tuple[list[VideoRecord], list[VideoRecord]]:
+    """Hold out ``fraction`` of each class (seeded) for validation: ``(train_records, val_records)``.
+
+    Every class with >= 2 videos (groups) keeps >= 1 in train and gives >= 1 to validation. Videos
+    that share a ``group_key`` stay on the same side: UCF101 clips of one group (``_gNN_``) come from
+    the same long video, so splitting them would leak near-duplicates into validation. Videos whose key
+    is None are their own group; ``group_key=None`` splits video by video. Order is preserved.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"validation fraction {fraction}: must be in [0, 1)")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, dict] = {}
+    for i, r in enumerate(records):
+        key = group_key(r) if group_key is not None else None
+        by_class.setdefault(r.label, {}).setdefault(("g", key) if key is not None else ("v", i), []).append(i)
+    val = set()
+    for label in sorted(by_class):
+        groups = list(by_class[label].values())
+        if fraction == 0 or len(groups) < 2:
+            continue
+        target = max(1, round(fraction * sum(len(g) for g in groups)))
+        taken, chosen = 0, 0
+        for g in rng.permutation(len(groups)):
+            if taken >= target or chosen == len(groups) - 1:  # keep >= 1 group for training
+                break
+            size = len(groups[g])
+            if taken and taken + size - target > target - taken:  # would overshoot more than stopping
+                continue
+            val.update(groups[g])
+            taken, chosen = taken + size, chosen + 1
+    train = [r for i, r in enumerate(records) if i not in val]
+    held = [r for i, r in enumerate(records) if i in val]
+    return train, held
