@@ -389,4 +389,4 @@ def test_inspect_cli(release, tmp_path, capsys):
     args = parser.parse_args(["inspect", str(path), "--arch", "c3d"])
     assert args.func(args) == 1
     out = capsys.readouterr().out
-    assert "arch guess: r2plus1d_vcop (width=1.0)" in out and "loads into c3d: NO" in out and "epoch:" in out
+    assert "arch guess:     r2plus1d_vcop (width=1.0)" in out and "loads into c3d: NO" in out and "epoch:" in out

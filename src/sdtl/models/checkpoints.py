@@ -308,8 +308,8 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     prefixes = _SOURCE_CLASSIFIER.get(arch, ("linear.", "fc.")) if arch else ("linear.", "fc.")
     drop = [k for k in state if k.startswith(prefixes)]
+    _count_ignored(drop, ignored, lambda k: k.split(".")[0] + ".* (source classifier)")
     for key in drop:
-        ignored[key.split(".")[0] + ".* (source classifier)"] = ignored.get(key.split(".")[0] + ".* (source classifier)", 0) + 1
         del state[key]
     return _Extraction(fmt, state, ignored)
 
@@ -519,7 +519,7 @@ def _check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
     pickled by class reference, which is exactly what weights-only loading refuses.
     """
     kind = type(obj)
-    if kind in _SAFE_LEAVES or isinstance(obj, torch.Tensor) and kind in (torch.Tensor, nn.Parameter):
+    if kind in _SAFE_LEAVES or kind in (torch.Tensor, nn.Parameter):
         return
     if kind in (dict, OrderedDict):
         for key, value in obj.items():
@@ -683,7 +683,7 @@ def describe_checkpoint(
     """Everything ``sdtl inspect`` shows, as a JSON-serialisable dict.
 
     Keys: ``path``, ``file_bytes``, ``format``, ``metadata`` (epoch, stored arch, options, classes, ...),
-    ``top_level_keys``, ``file_tensors``, ``backbone`` (tensors / parameters / ignored groups, or
+    ``top_level_keys`` (first 30), ``num_top_level_keys``, ``file_tensors``, ``backbone`` (tensors / parameters / ignored groups, or
     ``error``), ``arch_guess`` (``{"arch", "options"}`` from key names and shapes, or None), and with
     ``arch`` given, ``loads_into`` = ``{"arch", "options", "ok", "error", "num_tensors"}``. Options for that
     check come from the checkpoint's record, else from the guess when it names the same arch.
@@ -695,8 +695,9 @@ def describe_checkpoint(
     if isinstance(obj, Mapping):
         info["metadata"] = {k: _jsonable(obj[k]) for k in _METADATA_KEYS if k in obj}
         info["top_level_keys"] = [str(k) for k in list(obj)[:30]]
+        info["num_top_level_keys"] = len(obj)
     else:
-        info["metadata"], info["top_level_keys"] = {}, []
+        info["metadata"], info["top_level_keys"], info["num_top_level_keys"] = {}, [], 0
     if _is_safetensors(path):
         from safetensors import safe_open
 

@@ -41,27 +41,29 @@ def _millions(count: int) -> str:
 
 def format_description(info: dict) -> str:
     """Human-readable text for :func:`describe_checkpoint`'s dict."""
-    lines = [f"checkpoint: {info['path']} ({info['file_bytes']:,} bytes)", f"format:     {info['format']}"]
+    lines = [f"checkpoint:     {info['path']} ({info['file_bytes']:,} bytes)", f"format:         {info['format']}"]
     guess = info.get("arch_guess")
     if guess:
         options = ", ".join(f"{k}={v}" for k, v in guess["options"].items())
-        lines.append(f"arch guess: {guess['arch']}" + (f" ({options})" if options else ""))
+        lines.append(f"arch guess:     {guess['arch']}" + (f" ({options})" if options else ""))
     else:
-        lines.append("arch guess: none of the known archs matches the keys and shapes")
+        lines.append("arch guess:     none of the known archs matches the keys and shapes")
     backbone = info.get("backbone", {})
     if "error" in backbone:
-        lines.append(f"encoder:    {backbone['error']}")
+        lines.append(f"encoder:        {backbone['error']}")
     else:
-        lines.append(f"encoder:    {backbone['num_tensors']} tensors, {_millions(backbone['num_parameters'])} parameters")
+        lines.append(f"encoder:        {backbone['num_tensors']} tensors, {_millions(backbone['num_parameters'])} parameters")
         for name, count in backbone.get("ignored", {}).items():
-            lines.append(f"  ignored:  {name} ({count} tensors)")
-    lines.append(f"all tensors in file: {info['file_tensors']}")
+            lines.append(f"  ignored:      {name} ({count} tensors)")
+    lines.append(f"tensors in file: {info['file_tensors']}")
     for key, value in info.get("metadata", {}).items():
         if key == "class_names" and isinstance(value, list):
             shown = ", ".join(map(str, value[:5])) + (", ..." if len(value) > 5 else "")
             value = f"{len(value)} classes: {shown}"
-        lines.append(f"{key + ':':<12}{value}")
-    lines.append("top-level keys: " + ", ".join(info.get("top_level_keys", [])))
+        lines.append(f"{key + ':':<16}{value}")
+    keys, total = info.get("top_level_keys", []), info.get("num_top_level_keys", 0)
+    shown = ", ".join(keys[:10]) + (f", ... ({total - 10} more)" if total > 10 else "")
+    lines.append(f"top-level keys: {shown}")
     result = info.get("loads_into")
     if result is not None:
         options = ", ".join(f"{k}={v}" for k, v in result["options"].items())
