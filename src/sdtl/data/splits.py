@@ -130,14 +130,17 @@ def read_hmdb51_split(lists_dir, split: int) -> tuple[list[str], list[ListEntry]
     """``(classes, train, test)`` from ``<class>_test_split<K>.txt`` files (tag 1 train, 2 test, 0 unused)."""
     suffix = f"_test_split{split}.txt"
     try:
-        files = sorted((f for f in lists_dir.iterdir() if f.name.endswith(suffix)), key=lambda f: f.name)
+        # Sort by class name, not file name: "climb_stairs_test..." sorts before "climb_test..." but
+        # "climb" comes before "climb_stairs" (the order of the class folders, as everyone uses).
+        files = sorted((f for f in lists_dir.iterdir() if f.name.endswith(suffix)),
+                       key=lambda f: f.name[: -len(suffix)])
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{lists_dir}: HMDB51 list folder not found; pass the folder holding "
                         f"<class>_test_split<K>.txt files") from None
     if not files:
         raise UserError(f"{lists_dir}: no '*{suffix}' files; HMDB51 lists are named "
                         f"<class>_test_split<K>.txt (testTrainMulti_7030_splits)")
-    classes = [f.name[: -len(suffix)] for f in files]  # alphabetical: the file names sort the classes
+    classes = [f.name[: -len(suffix)] for f in files]
     train, test = [], []
     for label, (cls, file) in enumerate(zip(classes, files)):
         src = str(file)
