@@ -1,0 +1,200 @@
+"""Frame-exact decoding on small videos written here, both backends, and undecodable files."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+from data_helpers import numbered_frames, read_number
+
+from sdtl.data import video_io
+from sdtl.data.video_io import VideoDecodeError, open_video, probe_video, sequential_reason, write_video
+
+T = 60  # frames per test video; key frames every 12 so that seeking really skips GOPs
+
+# (file name, write_video kwargs, whether seeking can be trusted)
+VIDEOS = {
+    "h264.mp4": (dict(codec="libx264", gop=12), True),  # B-frames, real pts
+    "h264_vfr.mkv": (dict(codec="libx264", gop=12), True),  # pts rewritten below: irregular gaps
+    "h264_nob.avi": (dict(codec="libx264", gop=12, bframes=0), True),
+    "h264_b.avi": (dict(codec="libx264", gop=12, bframes=3), False),  # AVI + B-frames: no real pts
+    "mpeg4.avi": (dict(codec="mpeg4", gop=12), True),  # XviD-like, as UCF101 ships
+    "mpeg4_b.avi": (dict(codec="mpeg4", gop=12, bframes=2), False),
+    "mpeg2.mpg": (dict(codec="mpeg2video", gop=12, bframes=2), False),  # MPEG program stream
+    "raw.h264": (dict(codec="libx264", gop=12), False),  # elementary stream: no timestamps at all
+}
+
+
+def _write_vfr(path, frames):
+    """Matroska H.264 with irregular, gappy timestamps (a variable-frame-rate phone video)."""
+    import fractions
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.gop_size = 12
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = i * 40 + (i % 3) * 7 + (i // 10) * 100, fractions.Fraction(1, 1000)
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    frames = numbered_frames(T)
+    out = {}
+    for name, (kw, _) in VIDEOS.items():
+        path = root / name
+        if name == "h264_vfr.mkv":
+            _write_vfr(path, frames)
+        elif name == "mpeg2.mpg":
+            with av.open(str(path), "w", format="vob") as c:
+                s = c.add_stream("mpeg2video", rate=25)
+                s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+                s.codec_context.gop_size, s.codec_context.max_b_frames = 12, 2
+                for f in frames:
+                    for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+        elif name == "raw.h264":
+            with av.open(str(path), "w", format="h264") as c:
+                s = c.add_stream("libx264", rate=25)
+                s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+                s.codec_context.gop_size = 12
+                for f in frames:
+                    for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+        else:
+            write_video(path, frames, **kw)
+        out[name] = path
+    return out
+
+
+def sequential_decode(path) -> np.ndarray:
+    """Ground truth: every frame, in decoder output (presentation) order."""
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+BACKENDS = ["pyav", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    "torchcodec" not in video_io.available_backends(), reason=video_io.backend_report()["torchcodec"]))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_clips_equal_sequential_decode(videos, name, backend):
+    truth = sequential_decode(videos[name])
+    assert len(truth) == T
+    # the content really is frame t at position t (so comparing positions compares frames)
+    assert [read_number(f) for f in truth] == list(range(T))
+    with open_video(videos[name], backend) as r:
+        assert r.num_frames == T
+        assert (r.sequential is None) == VIDEOS[name][1], r.sequential
+        for idx in ([0, 1, 2, 3], [25, 26, 27, 28, 29, 30], [47, 48, 49], [T - 1], [13, 50, 13, 2, 2],
+                    list(range(T - 16, T)), [30, 5, 40]):
+            got = r.get_frames(idx)
+            assert got.dtype == torch.uint8 and tuple(got.shape) == (len(idx), 64, 96, 3)
+            np.testing.assert_array_equal(got.numpy(), truth[idx], err_msg=f"{name} {backend} {idx}")
+
+
+@pytest.mark.skipif("torchcodec" not in video_io.available_backends(), reason="torchcodec not usable here")
+@pytest.mark.parametrize("name", ["h264.mp4", "mpeg4.avi", "mpeg4_b.avi"])
+def test_backends_agree(videos, name):
+    idx = [3, 4, 5, 6, 40, 41]
+    with open_video(videos[name], "pyav") as a, open_video(videos[name], "torchcodec") as b:
+        assert a.num_frames == b.num_frames
+        assert abs(a.fps - b.fps) < 1e-6
+        assert torch.equal(a.get_frames(idx), b.get_frames(idx))
+
+
+def test_seek_path_is_used_and_checked(videos, monkeypatch):
+    """Seekable files must not silently decode from the start (that would be slow, not wrong)."""
+    with open_video(videos["mpeg4.avi"], "pyav") as r:
+        r.get_frames([50, 51])
+        assert r.sequential is None
+    # a corrupted index (frame 1 of the index points at frame 2's timestamp) is caught by the pts check
+    with open_video(videos["h264.mp4"], "pyav") as r:
+        r._index.pts[30] += 1
+        np.testing.assert_array_equal(r.get_frames([31, 32]).numpy(), sequential_decode(videos["h264.mp4"])[[31, 32]])
+        assert r.sequential is not None and "seek check failed" in r.sequential
+
+
+def test_probe_and_sequential_reason(videos):
+    for name, (_, seekable) in VIDEOS.items():
+        assert (sequential_reason(videos[name]) is None) == seekable, name
+        probe = probe_video(videos[name])
+        assert probe.num_frames == T and (probe.width, probe.height) == (96, 64)
+        assert (probe.sequential is None) == seekable
+
+
+def test_write_video_roundtrip(tmp_path):
+    frames = numbered_frames(20, 32, 48)
+    for codec, suffix in (("libx264", ".mp4"), ("libx264", ".avi"), ("mpeg4", ".avi")):
+        path = write_video(tmp_path / f"v{suffix}", torch.from_numpy(frames), fps=10, codec=codec)
+        with open_video(path, "pyav") as r:
+            assert r.num_frames == 20 and abs(r.fps - 10) < 1e-6
+            assert [read_number(f) for f in r.get_frames(range(20))] == list(range(20))
+    with pytest.raises(ValueError, match="even"):
+        write_video(tmp_path / "odd.mp4", np.zeros((2, 31, 32, 3), np.uint8))
+
+
+def _bad_files(tmp_path, videos):
+    zero = tmp_path / "zero.avi"
+    zero.touch()
+    text = tmp_path / "text.avi"
+    text.write_text("this is not a video\n" * 50)
+    data = videos["mpeg4.avi"].read_bytes()
+    trunc = tmp_path / "truncated.avi"
+    trunc.write_bytes(data[:300])  # header cut: nothing decodable
+    return {"zero": zero, "text": text, "truncated": trunc, "missing": tmp_path / "missing.avi",
+            "directory": tmp_path}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_files_raise_video_decode_error(tmp_path, videos, backend):
+    for kind, path in _bad_files(tmp_path, videos).items():
+        with pytest.raises(VideoDecodeError) as err:
+            with open_video(path, backend) as r:
+                r.get_frames([0])
+        assert str(path) in str(err.value), kind  # the message names the file
+        assert err.value.path == str(path) and err.value.reason
+
+
+def test_truncated_tail_still_reads_the_frames_that_exist(tmp_path, videos):
+    data = videos["mpeg4.avi"].read_bytes()
+    path = tmp_path / "tail_cut.avi"
+    path.write_bytes(data[: len(data) // 2])
+    with open_video(path, "pyav") as r:
+        n = r.num_frames
+        assert 0 < n < T
+        assert [read_number(f) for f in r.get_frames([0, n // 2])] == [0, n // 2]
+        try:  # the cut-off last packet may or may not decode, but only ever as a VideoDecodeError
+            r.get_frames([n - 1])
+        except VideoDecodeError as exc:
+            assert "tail_cut.avi" in str(exc)
+        with pytest.raises(VideoDecodeError, match="out of range"):
+            r.get_frames([n])
+
+
+def test_readers_close_containers(videos):
+    r = open_video(videos["mpeg4.avi"], "pyav")
+    r.get_frames([1])
+    r.close()
+    assert r._container is None
+    r.close()  # idempotent
+
+
+def test_resolve_backend():
+    assert video_io.resolve_backend("pyav") == "pyav"
+    assert video_io.resolve_backend("auto") == video_io.available_backends()[0]
+    from sdtl.errors import UserError
+
+    with pytest.raises(UserError, match="unknown video backend"):
+        video_io.resolve_backend("decord")
