@@ -291,16 +291,18 @@ def test_detect_format():
 
 
 def test_sdtl_finetune_checkpoint_rebuilds_model_without_flags(tmp_path):
-    model = randomize(build_model("c3d", num_classes=5, width=0.25), 7)
+    model = randomize(build_model("c3d", num_classes=5, width=0.25, dropout=0.5), 7)
     payload = {
-        "sdtl_format": "finetune", "version": 1, "arch": "c3d", "arch_options": {"width": 0.25},
+        "sdtl_format": "finetune", "version": 1, "arch": "c3d", "arch_options": {"dropout": 0.5, "width": 0.25},
         "num_classes": 5, "class_names": ["a", "b", "c", "d", "e"], "config": {"optim": {"lr": 0.1}},
         "epoch": 4, "model": model.state_dict(), "optimizer": {}, "rng": {"torch": torch.get_rng_state()},
     }  # fmt: skip
     path = save_checkpoint(payload, tmp_path / "best.pt")
     rebuilt, loaded = build_model_from_checkpoint(path)
     assert loaded["class_names"] == rebuilt.class_names == ["a", "b", "c", "d", "e"]
-    assert not rebuilt.training
+    assert not rebuilt.training and rebuilt.dropout.p == 0.5
+    info = describe_checkpoint(path, arch="c3d")  # options from the record, dropout left to build_model
+    assert info["loads_into"] == {"arch": "c3d", "options": {"width": 0.25}, "ok": True, "error": None, "num_tensors": 56}
     x = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))

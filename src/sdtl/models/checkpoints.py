@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from sdtl.errors import UserError
-from sdtl.models.classifier import ARCHS, VideoClassifier, build_encoder, build_model
+from sdtl.models.classifier import ARCHS, VideoClassifier, arch_option_names, build_encoder, build_model
 
 FORMATS = ("rspnet", "sdtl-finetune", "sdtl-pretrain", "torchvision", "state_dict", "unknown")
 
@@ -248,6 +248,15 @@ def _group(key: str) -> str:
     return key if len(parts) <= 2 else ".".join(parts[:2]) + ".*"
 
 
+def _encoder_options(arch: Any, options: Any) -> dict[str, Any]:
+    """The recorded ``arch_options`` that concern the encoder (payloads may also hold e.g. ``dropout``)."""
+    options = dict(options or {})
+    if arch not in ARCHS:
+        return options
+    valid = arch_option_names(arch)
+    return {k: v for k, v in options.items() if k in valid}
+
+
 @dataclass
 class _Extraction:
     format: str
@@ -286,14 +295,16 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
             raise UserError(f"{source}: sdtl fine-tune checkpoint without a 'model' state dict; re-save it")
         state = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
         _count_ignored([k for k in model if not k.startswith("encoder.")], ignored, lambda k: k.split(".")[0] + ".*")
-        return _Extraction(fmt, state, ignored, obj.get("arch"), dict(obj.get("arch_options") or {}))
+        arch_name = obj.get("arch")
+        return _Extraction(fmt, state, ignored, arch_name, _encoder_options(arch_name, obj.get("arch_options")))
     if fmt == "sdtl-pretrain":
         encoder = obj.get("encoder")
         if not isinstance(encoder, Mapping):
             raise UserError(f"{source}: sdtl pre-train checkpoint without an 'encoder' state dict; re-save it")
         if obj.get("head") is not None:
             ignored["head (pre-training task head)"] = len(obj["head"]) if isinstance(obj["head"], Mapping) else 1
-        return _Extraction(fmt, dict(encoder), ignored, obj.get("arch"), dict(obj.get("arch_options") or {}))
+        arch_name = obj.get("arch")
+        return _Extraction(fmt, dict(encoder), ignored, arch_name, _encoder_options(arch_name, obj.get("arch_options")))
     state = _unwrap_state_dict(obj)
     if state is None:
         kind = type(obj).__name__
@@ -614,8 +625,8 @@ def build_model_from_checkpoint(
     """Rebuild the :class:`VideoClassifier` saved in an sdtl fine-tune checkpoint and load it strictly.
 
     Arch, options and number of classes come from the payload, so evaluation needs no other flags.
-    Returns ``(model, payload)`` with the model in eval mode on the CPU (dropout is an eval no-op
-    and is not rebuilt).
+    ``arch_options`` may include ``dropout`` next to the encoder options. Returns ``(model, payload)``
+    with the model in eval mode on the CPU and ``model.class_names`` set.
     """
     payload = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     fmt = detect_format(payload)
@@ -627,7 +638,7 @@ def build_model_from_checkpoint(
     for key in ("arch", "num_classes", "model"):
         if key not in payload:
             raise UserError(f"{path}: sdtl fine-tune checkpoint lacks '{key}'; it is incomplete - re-save it")
-    options = dict(payload.get("arch_options") or {})
+    options = dict(payload.get("arch_options") or {})  # encoder options, plus dropout when the engine records it
     model = build_model(payload["arch"], int(payload["num_classes"]), **options)
     state = dict(payload["model"])
     what = f"arch {_format_arch(payload['arch'], options)} with {payload['num_classes']} classes"
