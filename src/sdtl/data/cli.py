@@ -153,13 +153,18 @@ def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: 
 
 
 def measure_dataset(dataset, clips: int) -> float:
-    """Clips/s of ``dataset[i]`` (decode + transforms) in this process."""
-    t0 = time.perf_counter()
-    n = 0
-    for i in range(clips):
-        item = dataset[i % len(dataset)]
-        n += item["video"].shape[0] if item["video"].dim() == 5 else 1
-    return n / (time.perf_counter() - t0)
+    """Clips/s of ``dataset[i]`` (decode + transforms) in this process, on one thread like a worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run single-threaded; measure the same thing
+    try:
+        t0 = time.perf_counter()
+        n = 0
+        for i in range(clips):
+            item = dataset[i % len(dataset)]
+            n += item["video"].shape[0] if item["video"].dim() == 5 else 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure_loader(dataset, clips: int, workers: int, batch_size: int) -> float:

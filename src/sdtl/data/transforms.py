@@ -63,10 +63,12 @@ def random_resized_crop_params(height: int, width: int, generator: torch.Generat
 
 def normalize(clip_uint8_tchw: torch.Tensor) -> torch.Tensor:
     """uint8 ``[T, 3, H, W]`` -> float ``[3, T, H, W]``: /255 then ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = clip_uint8_tchw.float().div_(255).sub_(mean).div_(std)
-    return x.permute(1, 0, 2, 3).contiguous()
+    # One strided copy does the permute and the uint8 -> float conversion (the resize leaves the
+    # frames channels-last); then (x/255 - mean)/std as a single multiply-add per element.
+    x = clip_uint8_tchw.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    return x.mul_(1 / (255 * std)).sub_(mean / std)
 
 
 def _check_frames(frames: torch.Tensor) -> torch.Tensor:
