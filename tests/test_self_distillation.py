@@ -118,3 +118,20 @@ def test_invalid_arguments():
         SelfDistillation(enc, teacher_bn="train")
     with pytest.raises(RuntimeError, match="snapshot"):
         SelfDistillation(enc)(clips(), torch.zeros(5, 6))
+
+
+@pytest.mark.parametrize("teacher_bn", ["eval", "batch"])
+def test_resnapshot_and_teacher_state_roundtrip(teacher_bn):
+    enc = small_encoder()
+    sd = SelfDistillation(enc, weight=1.0, teacher_bn=teacher_bn)
+    sd.snapshot()
+    first = sd.teacher
+    with torch.no_grad():
+        enc[0].weight.add_(1.0)
+    sd.snapshot()  # second snapshot reuses the teacher's storage and copies the new weights
+    assert sd.teacher is first and torch.equal(sd.teacher[0].weight, enc[0].weight)
+    saved = sd.teacher_state_dict()
+    other = SelfDistillation(small_encoder(), weight=1.0, teacher_bn=teacher_bn)
+    other.load_teacher_state_dict(saved)
+    x = clips()
+    assert torch.equal(other.teacher_features(x), sd.teacher_features(x))

@@ -169,8 +169,8 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        values = {"loss": float(loss)}
-        values.update({k: float(v) for k, v in parts.items()})
+        values = {"loss": loss.item()}
+        values.update({k: v.item() for k, v in parts.items()})
         meter.step_done(values, clips.shape[0] * info.world_size)
         bar.update(1)
         if step % 5 == 0 or step == len(loader):
@@ -180,8 +180,7 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
     means = dict(zip(means, dist_utils.all_reduce_sum(info, list(means.values()))))
     out = {f"train_{k}": v / info.world_size for k, v in means.items()}
     out.update(meter.summary())
-    out["lr"] = lr
-    out["corrupt_skipped"] = failed_epoch
+    out.update(lr=lr, steps=meter.steps, world_size=info.world_size, corrupt_skipped=failed_epoch)
     return out
 
 

@@ -232,7 +232,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
             optimizer.step()
             correct += int((logits.argmax(1) == target).sum())
             seen += len(target)
-            meter.step_done({"loss": float(loss)}, len(target) * info.world_size)
+            meter.step_done({"loss": loss.item()}, len(target) * info.world_size)
             bar.update(1)
             if step % 5 == 0:
                 bar.set_postfix(meter.postfix(lr), refresh=False)

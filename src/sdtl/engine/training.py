@@ -131,7 +131,7 @@ def check_finite(parts: dict[str, torch.Tensor], epoch: int, step: int, last_goo
     """Stop on a NaN/Inf loss, naming the step and the loss part (the last checkpoint is kept)."""
     for name, value in parts.items():
         if not torch.isfinite(value).all():
-            raise RunFailed(f"loss part '{name}' became {float(value)} at epoch {epoch}, step {step}; "
+            raise RunFailed(f"loss part '{name}' became {float(value.detach())} at epoch {epoch}, step {step}; "
                             f"training stopped. The last good checkpoint is {last_good}. Lower optim.lr, "
                             f"enable optim.grad_clip, or lower regularizer.weight, then resume from it")
 

@@ -89,8 +89,7 @@ class SelfDistillation(nn.Module):
                 _use_batch_statistics(teacher)
             self.teacher = teacher
         else:
-            # Reuse the teacher's storage: copying in place avoids a fresh allocation every epoch.
-            self.teacher.load_state_dict(_student_state_for_teacher(student, self.teacher), strict=True)
+            _copy_into(self.teacher, student)
 
     def teacher_features(self, clips: torch.Tensor) -> torch.Tensor:
         """Features of ``clips`` under the teacher (no graph, no buffer updates)."""
@@ -119,17 +118,28 @@ class SelfDistillation(nn.Module):
             distance = diff.pow(2).flatten(1).sum(dim=1).mean()
         return self.weight * distance
 
-    # The teacher is part of the training state: a resumed run must see the same teacher.
+    # For loops that checkpoint mid-epoch: the teacher is then part of the training state.
+    # (sdtl's engine checkpoints at epoch boundaries, where the next teacher is the model itself.)
     def teacher_state_dict(self) -> dict | None:
-        return None if self.teacher is None else self.teacher.state_dict()
+        if self.teacher is None:
+            return None
+        return {name: t.detach().clone() for name, t in [*self.teacher.named_parameters(),
+                                                          *self.teacher.named_buffers()]}
 
+    @torch.no_grad()
     def load_teacher_state_dict(self, state: dict | None) -> None:
         if state is None:
             self.teacher = None
             return
         if self.teacher is None:
             self.snapshot()
-        self.teacher.load_state_dict(state, strict=True)
+        own = dict([*self.teacher.named_parameters(), *self.teacher.named_buffers()])
+        if own.keys() != state.keys():
+            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+            raise ValueError(f"teacher state does not match the encoder: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, reduction={self.reduction!r}, teacher_bn={self.teacher_bn!r}"
@@ -148,8 +158,15 @@ def _use_batch_statistics(module: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
-def _student_state_for_teacher(student: nn.Module, teacher: nn.Module) -> dict:
-    """The student's state restricted to the keys the teacher has (batch-stat BNs have no buffers)."""
-    keys = teacher.state_dict().keys()
-    state = student.state_dict()
-    return {k: state[k] for k in keys}
+@torch.no_grad()
+def _copy_into(teacher: nn.Module, student: nn.Module) -> None:
+    """Copy the student's parameters and buffers into the teacher's own storage (no new allocation).
+
+    Only tensors the teacher has are copied: with ``teacher_bn="batch"`` its BatchNorms have no
+    running buffers. (``load_state_dict`` can't be used for that: BatchNorm re-inserts
+    ``num_batches_tracked`` and then rejects it as unexpected.)
+    """
+    source = dict(student.named_parameters())
+    source.update(student.named_buffers())
+    for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        tensor.copy_(source[name])

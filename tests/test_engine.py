@@ -1,0 +1,220 @@
+"""The fine-tuning engine end to end on real (tiny, synthetic) video files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sdtl.engine import finetune as ft
+from sdtl.engine.config import load_config
+from sdtl.errors import RunFailed, UserError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def tiny_cfg(data, *extra):
+    return load_config("synthetic_tiny", [f"data.root={data}", *extra])
+
+
+def sdtl_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "sdtl", "-q", *args]
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_finetune_writes_everything(tiny_synth, tiny_encoder, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_synth, f"model.pretrained={tiny_encoder}", "run.tensorboard=true")
+    results = ft.run_finetune(cfg, out)
+
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "confusion.png", "results.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt", "probe.pt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert not list(out.rglob("*.tmp"))
+
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("video_acc1", "video_acc5", "clip_acc1", "clip_acc5", "mean_class_acc"):
+        assert 0.0 <= saved[key] <= 100.0
+        assert saved[key] == results[key]
+    assert saved["video_acc5"] >= saved["video_acc1"]
+    p = saved["protocol"]
+    assert p["views"] == 2 and p["crops"] == 1 and "logits" in p["aggregation"]
+    assert "test" in p["split"] and p["checkpoint"] in ("checkpoints/best.pt", "checkpoints/last.pt")
+    assert saved["last"]["epoch"] == 2 and saved["selected"]["epoch"] in (1, 2)
+    assert saved["num_test_videos"] == 36 and saved["num_test_clips"] == 72
+    assert set(saved["per_class_acc"]) == {"MoveUp", "MoveDown", "MoveSideways", "Spin", "Grow", "Shrink"}
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        for key in ("train_loss", "train_ce", "train_sd", "lr", "clips_per_s", "data_wait", "val_video_acc1",
+                    "feat_drift", "feat_cka", "param_drift"):
+            assert key in r, key
+        assert abs(r["train_loss"] - (r["train_ce"] + r["train_sd"])) < 1e-4 * max(1.0, r["train_loss"])
+        assert 0.0 <= r["data_wait"] <= 1.0
+    assert lines[0]["lr"] > lines[1]["lr"]  # cosine schedule
+
+    effective = yaml.safe_load((out / "config.yaml").read_text())
+    assert effective["kind"] == "finetune" and effective["model"]["pretrained"] == str(tiny_encoder)
+
+    # evaluate re-creates the model from the checkpoint alone and reproduces the test figures
+    ev_out = tmp_path / "eval"
+    proc = subprocess.run(sdtl_cmd("evaluate", "--checkpoint", str(out / saved["protocol"]["checkpoint"]),
+                                   "--out", str(ev_out)), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((ev_out / "results.json").read_text())
+    for key in ("video_acc1", "video_acc5", "clip_acc1", "mean_class_acc"):
+        assert again[key] == pytest.approx(saved[key], abs=1e-6)
+
+
+def test_pretrained_encoder_is_loaded_into_the_classifier(tiny_synth, tiny_encoder):
+    cfg = tiny_cfg(tiny_synth, f"model.pretrained={tiny_encoder}")
+    model, report = ft.build_classifier(cfg, num_classes=6)
+    enc_state = torch.load(tiny_encoder, map_location="cpu", weights_only=True)["encoder"]
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, enc_state[key]), key
+    assert report is not None
+
+
+def test_lambda_zero_builds_no_teacher(tiny_synth, tmp_path, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("a teacher was built with lambda = 0")
+
+    monkeypatch.setattr(ft, "SelfDistillation", forbidden)
+    cfg = tiny_cfg(tiny_synth, "regularizer.weight=0", "optim.epochs=1", "eval.probe_videos=0")
+    ft.run_finetune(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "train_sd" not in record and record["train_loss"] == pytest.approx(record["train_ce"])
+
+
+class _NaNAfter:
+    """Stands in for torch.nn.functional inside the engine: cross-entropy turns NaN after N calls."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    def cross_entropy(self, *args, **kwargs):
+        self.calls -= 1
+        out = torch.nn.functional.cross_entropy(*args, **kwargs)
+        return out * float("nan") if self.calls < 0 else out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_synth, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_synth, "optim.epochs=3", "eval.probe_videos=0")
+    steps_per_epoch = 24 // 4  # 24 training videos, batch 4, drop_last
+    monkeypatch.setattr(ft, "F", _NaNAfter(steps_per_epoch + 2))
+    with pytest.raises(RunFailed, match=r"'ce' became nan at epoch 2, step 3.*last.pt"):
+        ft.run_finetune(cfg, out)
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _run_and_kill(cmd, out: Path, kill_when) -> None:
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if kill_when(out):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    pytest.fail(f"run finished before the kill point: {proc.stderr.read().decode()[-2000:]}")
+
+
+def test_kill_and_resume_is_bit_exact(tiny_synth, tiny_encoder, tmp_path):
+    common = ["finetune", "--config", "synthetic_tiny", "--deterministic", "--set", f"data.root={tiny_synth}",
+              "--set", f"model.pretrained={tiny_encoder}", "--set", "optim.epochs=3",
+              "--set", "data.workers=2", "--set", "run.threads=1", "--set", "regularizer.teacher_bn=eval"]
+    ref = tmp_path / "ref"
+    subprocess.run(sdtl_cmd(*common, "--out", str(ref)), env=ENV, check=True)
+    reference = model_state(ref / "checkpoints" / "last.pt")
+
+    def has_epoch_checkpoint(out: Path) -> bool:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        return (out / "checkpoints" / "last.pt").exists() and len(lines) >= 1
+
+    def before_any_checkpoint(out: Path) -> bool:
+        return (out / "config.yaml").exists()
+
+    for name, kill_when in (("mid-epoch-2", has_epoch_checkpoint), ("epoch-1", before_any_checkpoint)):
+        out = tmp_path / name
+        _run_and_kill(sdtl_cmd(*common, "--out", str(out)), out, kill_when)
+        # a second start without --resume must refuse, leaving the run untouched
+        proc = subprocess.run(sdtl_cmd(*common, "--out", str(out)), env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 2 and "--resume auto" in proc.stderr
+        subprocess.run(sdtl_cmd(*common, "--out", str(out), "--resume", "auto"), env=ENV, check=True)
+        resumed = model_state(out / "checkpoints" / "last.pt")
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), f"{name}: {key} differs after resume"
+        history = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert history == [1, 2, 3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes(tiny_synth, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "sdtl", "-q", "finetune", "--config", "synthetic_tiny",
+           "--out", str(out), "--set", f"data.root={tiny_synth}", "--set", "data.batch_size=2",
+           "--set", "run.threads=1"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_test_videos"] == 36  # every test video counted exactly once across 2 ranks
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["world_size"] == 2 for r in records)
+    assert records[0]["steps"] == 24 // 2 // 2  # 24 videos sharded over 2 ranks, batch 2 per rank
+    assert (out / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lrr=0.1"], "config key optim.lrr: unknown key"),
+    (["--set", "optim.lr=fast"], "config key optim.lr: expected float"),
+    (["--set", "regularizer.weight=-1"], "regularizer.weight: lambda must be >= 0"),
+    (["--set", "data.root=/nonexistent/videos"], "/nonexistent/videos"),
+    (["--config", "no_such_recipe"], "no such recipe"),
+    (["--set", "eval.crops=2"], "eval.crops: must be 1 or 3"),
+])
+def test_config_errors_exit_2_and_write_nothing(tiny_synth, tmp_path, args, message):
+    out = tmp_path / "run"
+    base = ["finetune", "--out", str(out)]
+    if "--config" not in args:
+        base += ["--config", "synthetic_tiny", "--set", f"data.root={tiny_synth}"]
+    proc = subprocess.run(sdtl_cmd(*base, *args), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_output_dir_in_use_is_refused(tiny_synth, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds files"):
+        ft.run_finetune(tiny_cfg(tiny_synth), out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
