@@ -28,7 +28,7 @@ from sdtl.models import (
 from sdtl.models import cli as models_cli
 from sdtl.models.checkpoints import UnsafePickleWarning
 
-SMALL_CLIP = (1, 3, 8, 32, 32)
+SMALL_CLIP = (1, 3, 8, 16, 16)
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -40,8 +40,9 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
                 tensor.fill_(int(torch.randint(1, 1000, (1,), generator=gen)))
             elif key.endswith("running_var"):
                 tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
+            else:  # perturb around the init: new values everywhere, activations stay in a normal range
+                noise = torch.randn(tensor.shape, generator=gen)
+                tensor.mul_(1 + 0.1 * noise).add_(0.01 * torch.randn(tensor.shape, generator=gen))
     return module.eval()
 
 

@@ -108,15 +108,16 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _pickle_bytes(path: Path) -> bytes:
-    """The (first) pickle stream of a checkpoint file, without unpickling anything."""
+def _first_pickle_ops(path: Path) -> list:
+    """Opcodes of the checkpoint's (first) pickle stream, parsed without unpickling anything."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = [name for name in archive.namelist() if name.endswith("data.pkl")]
             if not names:
                 raise ValueError("zip archive without data.pkl")
-            return archive.read(names[0])
-    return path.read_bytes()
+            return list(pickletools.genops(archive.read(names[0])))
+    with open(path, "rb") as handle:  # legacy format: genops stops at the first STOP, no full read
+        return list(pickletools.genops(handle))
 
 
 def _needs_full_unpickling(path: Path, exc: Exception) -> str | None:
@@ -128,7 +129,7 @@ def _needs_full_unpickling(path: Path, exc: Exception) -> str | None:
         return f"it references the Python object {match.group(1)}"
     # Static check with pickletools: it parses opcodes without executing any of them.
     try:
-        ops = list(pickletools.genops(_pickle_bytes(path)))
+        ops = _first_pickle_ops(path)
     except Exception:  # noqa: BLE001 - any parse failure means "not a valid pickle"
         return None
     if ops and ops[-1][0].name == "STOP":
