@@ -104,7 +104,7 @@ def bench_torchvision(tmp: Path, records: list[VideoRecord]) -> None:
                         num_workers=0, output_format="THWC")
             dt = time.perf_counter() - t0
         print(f"  torchvision datasets.UCF101 on {len(records)} real videos: {dt * 1000:.0f} ms "
-              f"({dt / len(records) * 1000:.1f} ms per video, it decodes every file; ~{dt / len(records) * 13320:.0f} s "
+              f"({dt / len(records) * 1000:.1f} ms per video, it opens and reads every file; ~{dt / len(records) * 13320:.0f} s "
               f"for UCF101's 13,320) -> {len(ds)} clips")
     except Exception as exc:
         print(f"  torchvision datasets.UCF101 could not run: {type(exc).__name__}: {str(exc)[:200]}")
