@@ -218,3 +218,50 @@ def test_output_dir_in_use_is_refused(tiny_synth, tmp_path):
     with pytest.raises(UserError, match="already holds files"):
         ft.run_finetune(tiny_cfg(tiny_synth), out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _copy_with_corrupt_train_video(src: Path, dst: Path) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    first = (dst / "lists" / "trainlist01.txt").read_text().splitlines()[0].split()[0]
+    (dst / "videos" / first).write_bytes(b"")  # zero-byte file, as a failed download leaves it
+    return first
+
+
+def test_corrupt_training_video_is_skipped_quarantined_and_counted(tiny_synth, tmp_path):
+    data = tmp_path / "data"
+    bad = _copy_with_corrupt_train_video(tiny_synth, data)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(data, "optim.epochs=1", "data.max_corrupt_fraction=0.5", "eval.probe_videos=0",
+                   "data.val_fraction=0")
+    ft.run_finetune(cfg, out)
+    quarantined = (out / "quarantine.txt").read_text().splitlines()
+    assert len(quarantined) == 1 and quarantined[0].startswith(str(data / "videos" / Path(bad).parent))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["corrupt_skipped"] >= 1
+
+    # with the default 1% budget the same data stops the run with a report naming the file
+    with pytest.raises(RunFailed, match=Path(bad).stem):
+        ft.run_finetune(tiny_cfg(data, "optim.epochs=1", "eval.probe_videos=0", "data.val_fraction=0"),
+                        tmp_path / "run2")
+
+
+def test_corrupt_test_video_is_refused_unless_skipped(tiny_synth, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    first = (data / "lists" / "testlist01.txt").read_text().splitlines()[0].split()[0]
+    (data / "videos" / first).write_text("not a video")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=Path(first).stem):
+        ft.run_finetune(tiny_cfg(data, "optim.epochs=1", "eval.probe_videos=0"), out)
+    assert (out / "checkpoints" / "last.pt").exists() and not (out / "results.json").exists()
+    # the finished training is not lost: the test can be redone with an explicit skip
+    proc = subprocess.run(sdtl_cmd("evaluate", "--checkpoint", str(out / "checkpoints" / "last.pt"),
+                                   "--out", str(tmp_path / "eval"), "--set", "eval.skip_corrupt=true"),
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["skipped_corrupt"] == 1 and res["num_test_videos"] == 35

@@ -157,7 +157,7 @@ def summarise(runs: dict, plan: DemoPlan, n_seeds: int, quick: bool, data: Path,
                                                      "classes": len(meta.get("classes", [])) or None},
         "pretrain_recipe": plan.pretrain_recipe, "finetune_recipe": plan.finetune_recipe,
         "overrides": {"pretrain": list(plan.pretrain_overrides), "finetune": list(plan.finetune_overrides)},
-        "sd_weight": plan.sd_weight, "wall_time_s": timings,
+        "sd_weight": plan.sd_weight, "regularizer": runs["sd"][0]["regularizer"], "wall_time_s": timings,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
     }
@@ -193,7 +193,7 @@ def render_markdown(summary: dict) -> str:
         f"{p['aggregation']}; {p['split']}. Checkpoint: selected by {p['selected_by']}.",
         f"Recipes: pre-train `{summary['pretrain_recipe']}`, fine-tune `{summary['finetune_recipe']}` "
         f"(overrides: {summary['overrides']}); self-distillation λ = {summary['sd_weight']:g} "
-        f"(reduction mean, teacher BN eval).",
+        f"(reduction {summary['regularizer']['reduction']}, teacher BN {summary['regularizer']['teacher_bn']}).",
         f"Wall time: total {t['total_s'] / 60:.1f} min (data {t['data_s']:.0f} s, pre-training "
         f"{t['pretrain_s']:.0f} s, fine-tuning {t['finetune_s']:.0f} s) on {summary['machine']['platform']}, "
         f"torch {summary['machine']['torch']}, {summary['machine']['threads']} threads.",

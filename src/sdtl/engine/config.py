@@ -79,7 +79,7 @@ class RegularizerConfig:
 
     weight: float = 0.0  # λ
     reduction: str = "mean"  # mean (MSE over batch and features) | sum (per-sample squared L2)
-    teacher_bn: str = "eval"  # eval (teacher's running stats) | batch (batch stats, no updates)
+    teacher_bn: str = "batch"  # batch (batch stats, no updates; 0 right after a snapshot) | eval (running stats)
 
 
 @dataclass

@@ -309,6 +309,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         record = {"epoch": epoch}
         record.update(train_one_epoch(model_ddp, model, sd, loader, optimizer, scaler, cfg, info, epoch,
                                       tracker, str(last_path) if last_path.exists() else "none yet"))
+        tracker.check(force=True)  # judge the corrupt share on small datasets too
         scheduler.step()
         is_last = epoch == cfg.optim.epochs
         if val_loader is not None and (epoch % cfg.eval.every == 0 or is_last):

@@ -237,6 +237,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
             if step % 5 == 0:
                 bar.set_postfix(meter.postfix(lr), refresh=False)
         bar.close()
+        tracker.check(force=True)
         scheduler.step()
         loss_sum, c, s = dist_utils.all_reduce_sum(info, [meter.means()["loss"], correct, seen])
         record = {"epoch": epoch, "train_loss": loss_sum / info.world_size, "train_acc": 100.0 * c / max(1, s),

@@ -1,0 +1,119 @@
+"""The command line, the README's drop-in example, and the demo orchestration."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdtl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- drop-in example -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its drop-in example block"
+    return match.group(1)
+
+
+def test_readme_drop_in_example_runs_and_distils():
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 10
+    from sdtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("r2plus1d_vcop", num_classes=3, width=0.0625)
+    batches = [(torch.randn(4, 3, 8, 16, 16), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    with torch.no_grad():  # like a pre-trained encoder: BN running statistics match the data
+        for _ in range(30):
+            model.encoder(batches[0][0])
+    snapshots = []
+
+    class Loader(list):
+        def __iter__(self):  # record the encoder at the start of every epoch
+            snapshots.append({k: v.clone() for k, v in model.encoder.state_dict().items()})
+            return super().__iter__()
+
+    scope = {"model": model, "loader": Loader(batches), "epochs": 3,
+             "optimizer": torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+             "F": torch.nn.functional}
+    exec(code, scope)
+    sd = scope["sd"]
+    assert sd.weight == 100.0
+    # the teacher of the last epoch is the encoder as it was when that epoch began
+    for key, value in sd.teacher.state_dict().items():
+        assert torch.equal(value, snapshots[-1][key]), key
+    assert not torch.equal(snapshots[0]["conv1.spatial_conv.weight"], model.encoder.conv1.spatial_conv.weight)
+    assert torch.isfinite(scope["loss"])
+
+
+def test_recipes_lists_the_paper_setups(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ucf101_c3d_sd", "ucf101_r21d_sd", "hmdb51_c3d_sd", "hmdb51_r21d_sd", "ucf101_c3d_rspnet",
+                 "hmdb51_c3d_rspnet", "synthetic_tiny", "synthetic_small", "synthetic_pretrain"):
+        assert name in out
+
+
+@pytest.mark.parametrize("recipe", ["ucf101_c3d_sd", "ucf101_r21d_sd", "hmdb51_c3d_sd", "hmdb51_r21d_sd"])
+def test_paper_recipes_match_the_paper(recipe):
+    from sdtl.engine.config import load_config
+
+    cfg = load_config(recipe)
+    assert cfg.optim.epochs == 100 and cfg.regularizer.weight == 100.0
+    assert cfg.optim.lr == (0.005 if "c3d" in recipe else 0.1)
+    assert cfg.model.arch == ("c3d" if "c3d" in recipe else "r2plus1d_vcop")
+    assert cfg.data.clip_len == 16 and cfg.data.size == 112 and cfg.eval.num_clips == 10
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
+
+
+def test_python_dash_m_and_help():
+    proc = subprocess.run([sys.executable, "-m", "sdtl", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for cmd in ("finetune", "evaluate", "pretrain", "synth", "demo", "recipes", "data", "inspect"):
+        assert cmd in proc.stdout
+
+
+def test_missing_config_without_resume_is_a_clear_error(tmp_path, capsys):
+    assert main(["finetune", "--out", str(tmp_path / "x")]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_on_tiny_plan(tiny_synth, tmp_path):
+    from sdtl.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(preset="tiny", seeds=2, pretrain_recipe="synthetic_tiny_pretrain",
+                    finetune_recipe="synthetic_tiny", finetune_overrides=("optim.epochs=1",), sd_weight=1.0)
+    out = tmp_path / "demo"
+    summary = run_demo(out, data_dir=str(tiny_synth), plan=plan)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    for method in ("scratch", "plain", "sd"):
+        stats = saved["methods"][method]["video_acc1"]
+        assert len(stats["values"]) == 2
+        assert stats["mean"] == pytest.approx(sum(stats["values"]) / 2)
+    # plain and sd start from the pre-trained encoder, scratch does not
+    cfg = (out / "runs" / "plain_s0" / "config.yaml").read_text()
+    assert "encoder.pt" in cfg and "pretrained: null" in (out / "runs" / "scratch_s0" / "config.yaml").read_text()
+    assert "λ=1" in (out / "summary.md").read_text() and (out / "summary.png").is_file()
+    # a second call reuses every finished run instead of training again
+    before = (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns
+    again = run_demo(out, data_dir=str(tiny_synth), plan=plan)
+    assert (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns == before
+    assert again["methods"]["sd"]["video_acc1"] == summary["methods"]["sd"]["video_acc1"]
+
+
+def test_demo_refuses_a_foreign_output_dir(tmp_path):
+    from sdtl.demo import run_demo
+    from sdtl.errors import UserError
+
+    (tmp_path / "thesis.tex").write_text("important")
+    with pytest.raises(UserError, match="not an sdtl demo folder"):
+        run_demo(tmp_path, quick=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
