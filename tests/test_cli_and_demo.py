@@ -117,3 +117,16 @@ def test_demo_refuses_a_foreign_output_dir(tmp_path):
     with pytest.raises(UserError, match="not an sdtl demo folder"):
         run_demo(tmp_path, quick=True)
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_encoder_roundtrip(tiny_encoder, tmp_path, suffix):
+    from sdtl.models import build_encoder, load_encoder_weights
+
+    out = tmp_path / f"enc{suffix}"
+    assert main(["export", str(tiny_encoder), "--out", str(out)]) == 0
+    source = torch.load(tiny_encoder, map_location="cpu", weights_only=True)
+    enc = build_encoder("r2plus1d_vcop", **source["arch_options"])
+    load_encoder_weights(enc, out, "r2plus1d_vcop")
+    for key, value in enc.state_dict().items():
+        assert torch.equal(value, source["encoder"][key]), key

@@ -98,6 +98,22 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from sdtl.models import build_encoder, describe_checkpoint, export_encoder, load_encoder_weights
+
+    info = describe_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    guess = info.get("arch_guess") or {}
+    arch = args.arch or guess.get("arch")
+    if not arch:
+        raise UserError(f"{args.checkpoint}: cannot tell the architecture from its keys; pass --arch")
+    options = dict(guess.get("options") or {}) if guess.get("arch") == arch else {}
+    encoder = build_encoder(arch, **options)
+    report = load_encoder_weights(encoder, args.checkpoint, arch, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    path = export_encoder(encoder, args.out)
+    print(f"{report.summary()}\nencoder ({arch} {options}) -> {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sdtl.demo import run_demo
 
@@ -129,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)")
     _add_run_args(p, "pretrain")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="write a checkpoint's encoder alone (state dict .pt or .safetensors)")
+    p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint sdtl can load (sdtl, RSPNet, torchvision, ...)")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.safetensors or FILE.pt")
+    p.add_argument("--arch", default=None, help="architecture (default: guessed from the checkpoint)")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list shipped recipes")
     p.add_argument("--show", metavar="NAME", help="print one recipe's YAML")
@@ -170,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"sdtl: run failed: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `sdtl inspect ... | head`
+        return 0
     except KeyboardInterrupt:
         print("sdtl: interrupted; completed epochs are in the run's checkpoints (resume with --resume auto)",
               file=sys.stderr)
