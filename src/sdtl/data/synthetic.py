@@ -71,11 +71,11 @@ ENCODER_OPTIONS = {"threads": "1", "preset": "veryfast", "crf": "18", "x264-para
 
 # What each class is, in words (also written to meta.json so a reader of the data knows the labels).
 CLASS_MOTIONS: dict[str, str] = {
-    "MoveUp": "translates upwards at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
-    "MoveDown": "translates downwards at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
-    "MoveSideways": "translates left or right at constant speed (0.45-0.9 px/frame at 48 px, +-15 deg)",
+    "MoveUp": "translates upwards at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
+    "MoveDown": "translates downwards at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
+    "MoveSideways": "translates left or right at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
     "Spin": "stays in place and rotates, either direction, 3-7 deg/frame",
-    "Grow": "stays in place and scales up exponentially (x1.5-x2.6 over 40 frames)",
+    "Grow": "stays in place and scales up exponentially (log-scale rate 0.0125-0.024 per frame)",
     "Shrink": "stays in place and scales down exponentially (the time reversal of Grow)",
     "SwingSideways": "oscillates horizontally (amplitude 4-7 px, period 20-32 frames)",
     "BobVertical": "oscillates vertically (amplitude 4-7 px, period 20-32 frames)",
@@ -118,7 +118,7 @@ PRESETS: dict[str, SyntheticPreset] = {
                             pool_size=48, frames=32, pool_frames=128),
     # The demo default.
     "small": SyntheticPreset("small", _SMALL_CLASSES, train_groups=4, test_groups=4, clips_per_group=3,
-                             pool_size=600, frames=40, pool_frames=128),
+                             pool_size=600, frames=32, pool_frames=128),
 }
 
 # Seed-stream tags, so labelled videos, groups and the pool never share random numbers.
@@ -239,15 +239,15 @@ def _contrasting_colour(rng: np.random.Generator, canvas: np.ndarray) -> np.ndar
 
 def _distractors(rng: np.random.Generator, canvas: np.ndarray, t: np.ndarray, xs: np.ndarray,
                  size: int, unit: float, count: int) -> None:
-    """Small objects wandering along smooth random paths (sums of two slow sinusoids), spinning."""
+    """Small objects wandering along smooth random paths (slow sinusoids), spinning slowly."""
     for _ in range(count):
         paths = []
         for _axis in range(2):
-            pos = rng.uniform(0.15, 0.85) * size + np.zeros(len(t))
-            for _k in range(2):
-                amp, period = rng.uniform(2, 8) * unit, rng.uniform(24, 72)
-                pos = pos + amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
-            paths.append(pos)
+            # Peak speed <= 2*pi*6/30 ~ 1.25 px/frame: distractors move at the same natural speeds
+            # as actors, so "how fast is normal" (what playback-speed pre-training learns) holds.
+            amp, period = rng.uniform(2, 6) * unit, rng.uniform(30, 60)
+            paths.append(rng.uniform(0.15, 0.85) * size
+                         + amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)))
         track = _Track(shape=str(rng.choice(_SHAPES)), colour=_contrasting_colour(rng, canvas),
                        radius=rng.uniform(2.0, 3.5) * unit, cx=paths[0], cy=paths[1],
                        angle=rng.uniform(0, 2 * np.pi) + rng.uniform(-0.06, 0.06) * t,
@@ -257,7 +257,8 @@ def _distractors(rng: np.random.Generator, canvas: np.ndarray, t: np.ndarray, xs
 
 def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
     """Add luminance noise (strength varies per video) and quantise to uint8."""
-    sigma = rng.uniform(0, 6)
+    # Mild: temporally white noise drowns the frame-to-frame differences that motion is made of.
+    sigma = rng.uniform(0, 2)
     canvas += rng.standard_normal(canvas.shape[:3] + (1,), dtype=np.float32) * np.float32(sigma)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
@@ -274,7 +275,7 @@ def _class_pose(name: str, rng: np.random.Generator, t: np.ndarray, size: int, u
     cx, cy = x0 + 0 * tc, y0 + 0 * tc
     angle, scale = angle0 + 0 * tc, np.ones_like(tc)
     if name in ("MoveUp", "MoveDown", "MoveSideways"):
-        speed = np.exp(rng.uniform(np.log(0.45), np.log(0.9))) * unit
+        speed = np.exp(rng.uniform(np.log(0.6), np.log(1.0))) * unit
         heading = {"MoveUp": -np.pi / 2, "MoveDown": np.pi / 2,
                    "MoveSideways": float(rng.choice([0.0, np.pi]))}[name] + rng.uniform(-0.26, 0.26)
         cx, cy = x0 + speed * np.cos(heading) * tc, y0 + speed * np.sin(heading) * tc
@@ -332,20 +333,20 @@ def _reflect(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
-    """Frames of unlabelled video ``index``: 1-2 actors moving by random mixtures of primitives."""
+    """Frames of unlabelled video ``index``: 1-3 actors moving by random mixtures of primitives."""
     size, unit = preset.size, preset.size / 48.0
     rng = np.random.default_rng([seed, _KIND_POOL, index])
     t = np.arange(preset.pool_frames, dtype=np.float64)
     xs = np.arange(size, dtype=np.float32) + np.float32(0.5)
     canvas = _background(rng, t, xs, unit)
-    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 4)))
-    for _actor in range(int(rng.integers(1, 3))):
+    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 3)))
+    for _actor in range(int(rng.integers(1, 4))):
         lo, hi = 0.2 * size, 0.8 * size
         x0, y0 = rng.uniform(lo, hi, size=2)
         cx, cy = x0 + 0 * t, y0 + 0 * t
         motion = rng.choice(["drift", "drift", "fall", "orbit", "still"])
         if motion == "drift":  # constant speed, bouncing off the walls
-            speed = np.exp(rng.uniform(np.log(0.45), np.log(0.9))) * unit
+            speed = np.exp(rng.uniform(np.log(0.6), np.log(1.0))) * unit
             heading = rng.uniform(0, 2 * np.pi)
             cx = _reflect(x0 + speed * np.cos(heading) * t, lo, hi)
             cy = _reflect(y0 + speed * np.sin(heading) * t, lo, hi)
