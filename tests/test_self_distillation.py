@@ -67,8 +67,11 @@ def test_teacher_is_frozen_deep_copy_and_gets_no_gradient():
     for name, p in enc.named_parameters():
         assert p.data_ptr() != t_params[name].data_ptr(), f"{name} shared with the teacher"
         assert not t_params[name].requires_grad
+    with torch.no_grad():  # the student moves away from the snapshot, as during an epoch
+        enc[0].weight.add_(0.1)
     x = clips()
     loss = sd(x, enc(x))
+    assert loss.item() > 0
     loss.backward()
     assert all(p.grad is None for p in sd.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())

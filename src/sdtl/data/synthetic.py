@@ -71,16 +71,16 @@ ENCODER_OPTIONS = {"threads": "1", "preset": "veryfast", "crf": "18", "x264-para
 
 # What each class is, in words (also written to meta.json so a reader of the data knows the labels).
 CLASS_MOTIONS: dict[str, str] = {
-    "MoveUp": "translates upwards at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
-    "MoveDown": "translates downwards at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
-    "MoveSideways": "translates left or right at constant speed (0.6-1.0 px/frame at 48 px, +-15 deg)",
-    "Spin": "stays in place and rotates, either direction, 3-7 deg/frame",
-    "Grow": "stays in place and scales up exponentially (log-scale rate 0.0125-0.024 per frame)",
+    "MoveUp": "translates upwards at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
+    "MoveDown": "translates downwards at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
+    "MoveSideways": "translates left or right at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
+    "Spin": "stays in place and rotates, either direction, 6-12 deg/frame",
+    "Grow": "stays in place and scales up exponentially (log-scale rate 0.022-0.034 per frame)",
     "Shrink": "stays in place and scales down exponentially (the time reversal of Grow)",
-    "SwingSideways": "oscillates horizontally (amplitude 4-7 px, period 20-32 frames)",
-    "BobVertical": "oscillates vertically (amplitude 4-7 px, period 20-32 frames)",
-    "Bounce": "falls under gravity and bounces off an invisible floor (height 10-18 px, period 16-28 frames)",
-    "Orbit": "moves along a circle, either direction (radius 5-9 px, period 24-40 frames)",
+    "SwingSideways": "oscillates horizontally (amplitude 6-10 px, period 16-28 frames)",
+    "BobVertical": "oscillates vertically (amplitude 6-10 px, period 16-28 frames)",
+    "Bounce": "falls under gravity and bounces off an invisible floor (height 12-20 px, period 14-24 frames)",
+    "Orbit": "moves along a circle, either direction (radius 6-10 px, period 20-32 frames)",
 }
 
 
@@ -212,7 +212,7 @@ def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, unit: f
     pan = np.zeros(2)
     if rng.random() < 0.5:
         theta = rng.uniform(0, 2 * np.pi)
-        pan = rng.uniform(0.1, 0.35) * unit * np.array([np.cos(theta), np.sin(theta)])
+        pan = rng.uniform(0.2, 0.5) * unit * np.array([np.cos(theta), np.sin(theta)])
     for _ in range(int(rng.integers(1, 4))):
         wavelength = rng.uniform(6, 20) * unit
         theta = rng.uniform(0, 2 * np.pi)
@@ -243,9 +243,9 @@ def _distractors(rng: np.random.Generator, canvas: np.ndarray, t: np.ndarray, xs
     for _ in range(count):
         paths = []
         for _axis in range(2):
-            # Peak speed <= 2*pi*6/30 ~ 1.25 px/frame: distractors move at the same natural speeds
+            # Peak speed <= 2*pi*6/20 ~ 1.9 px/frame: distractors move at the same natural speeds
             # as actors, so "how fast is normal" (what playback-speed pre-training learns) holds.
-            amp, period = rng.uniform(2, 6) * unit, rng.uniform(30, 60)
+            amp, period = rng.uniform(2, 6) * unit, rng.uniform(20, 40)
             paths.append(rng.uniform(0.15, 0.85) * size
                          + amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)))
         track = _Track(shape=str(rng.choice(_SHAPES)), colour=_contrasting_colour(rng, canvas),
@@ -275,25 +275,25 @@ def _class_pose(name: str, rng: np.random.Generator, t: np.ndarray, size: int, u
     cx, cy = x0 + 0 * tc, y0 + 0 * tc
     angle, scale = angle0 + 0 * tc, np.ones_like(tc)
     if name in ("MoveUp", "MoveDown", "MoveSideways"):
-        speed = np.exp(rng.uniform(np.log(0.6), np.log(1.0))) * unit
+        speed = np.exp(rng.uniform(np.log(1.0), np.log(1.6))) * unit
         heading = {"MoveUp": -np.pi / 2, "MoveDown": np.pi / 2,
                    "MoveSideways": float(rng.choice([0.0, np.pi]))}[name] + rng.uniform(-0.26, 0.26)
         cx, cy = x0 + speed * np.cos(heading) * tc, y0 + speed * np.sin(heading) * tc
     elif name == "Spin":
-        angle = angle0 + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(3, 7)) * tc
+        angle = angle0 + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(6, 12)) * tc
     elif name in ("Grow", "Shrink"):
-        rate = rng.uniform(0.5, 0.95) / 40.0  # log-scale change per frame
+        rate = rng.uniform(0.7, 1.1) / 32.0  # log-scale change per frame
         scale = np.exp((1 if name == "Grow" else -1) * rate * tc)
     elif name in ("SwingSideways", "BobVertical"):
-        amp, period = rng.uniform(4, 7) * unit, rng.uniform(20, 32)
+        amp, period = rng.uniform(6, 10) * unit, rng.uniform(16, 28)
         wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
         cx, cy = (x0 + wave, cy) if name == "SwingSideways" else (cx, y0 + wave)
     elif name == "Bounce":
-        height, period = rng.uniform(10, 18) * unit, rng.uniform(16, 28)
+        height, period = rng.uniform(12, 20) * unit, rng.uniform(14, 24)
         phase = (t / period + rng.uniform(0, 1)) % 1.0
         cy = y0 + height / 2 - 4 * height * phase * (1 - phase)  # parabolic arcs off a floor
     elif name == "Orbit":
-        radius, period = rng.uniform(5, 9) * unit, rng.uniform(24, 40)
+        radius, period = rng.uniform(6, 10) * unit, rng.uniform(20, 32)
         phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
         cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
     else:
@@ -304,7 +304,7 @@ def _class_pose(name: str, rng: np.random.Generator, t: np.ndarray, size: int, u
 def _group_look(seed: int, class_index: int, group: int) -> dict:
     """What a group fixes (like one UCF101 actor and scene): shape, size, palette, scene seed."""
     rng = np.random.default_rng([seed, _KIND_GROUP, class_index, group])
-    return {"shape": str(rng.choice(_SHAPES)), "radius": float(rng.uniform(5.0, 8.0)),
+    return {"shape": str(rng.choice(_SHAPES)), "radius": float(rng.uniform(6.0, 10.0)),
             "scene_seed": int(rng.integers(2**31)), "colour_seed": int(rng.integers(2**31))}
 
 
@@ -346,33 +346,33 @@ def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
         cx, cy = x0 + 0 * t, y0 + 0 * t
         motion = rng.choice(["drift", "drift", "fall", "orbit", "still"])
         if motion == "drift":  # constant speed, bouncing off the walls
-            speed = np.exp(rng.uniform(np.log(0.6), np.log(1.0))) * unit
+            speed = np.exp(rng.uniform(np.log(1.0), np.log(1.6))) * unit
             heading = rng.uniform(0, 2 * np.pi)
             cx = _reflect(x0 + speed * np.cos(heading) * t, lo, hi)
             cy = _reflect(y0 + speed * np.sin(heading) * t, lo, hi)
         elif motion == "fall":
-            height, period = rng.uniform(10, 18) * unit, rng.uniform(16, 28)
+            height, period = rng.uniform(12, 20) * unit, rng.uniform(14, 24)
             phase = (t / period + rng.uniform(0, 1)) % 1.0
             cy = y0 + height / 2 - 4 * height * phase * (1 - phase)
-            cx = _reflect(x0 + rng.uniform(-0.4, 0.4) * unit * t, lo, hi)
+            cx = _reflect(x0 + rng.uniform(-0.6, 0.6) * unit * t, lo, hi)
         elif motion == "orbit":
-            radius, period = rng.uniform(5, 9) * unit, rng.uniform(24, 40)
+            radius, period = rng.uniform(6, 10) * unit, rng.uniform(20, 32)
             phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
             cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
         if rng.random() < 0.35:  # swing along a random direction on top of the path
-            amp, period = rng.uniform(3, 7) * unit, rng.uniform(20, 32)
+            amp, period = rng.uniform(6, 10) * unit, rng.uniform(16, 28)
             theta = rng.uniform(0, 2 * np.pi)
             wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
             cx, cy = cx + wave * np.cos(theta), cy + wave * np.sin(theta)
         angle = rng.uniform(0, 2 * np.pi) + 0 * t
         if motion == "still" or rng.random() < 0.4:
-            angle = angle + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(3, 7)) * t
+            angle = angle + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(6, 12)) * t
         scale = np.ones_like(t)
         if motion == "still" or rng.random() < 0.4:  # pulsing: alternating grow and shrink phases
-            scale = np.exp(rng.uniform(0.3, 0.5) * np.sin(2 * np.pi * t / rng.uniform(32, 64)
+            scale = np.exp(rng.uniform(0.3, 0.5) * np.sin(2 * np.pi * t / rng.uniform(24, 48)
                                                           + rng.uniform(0, 2 * np.pi)))
         track = _Track(str(rng.choice(_SHAPES)), _contrasting_colour(rng, canvas),
-                       rng.uniform(5.0, 8.0) * unit, cx, cy, angle, scale)
+                       rng.uniform(6.0, 10.0) * unit, cx, cy, angle, scale)
         _draw(canvas, track, xs)
     return _finish(rng, canvas)
 
