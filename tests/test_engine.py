@@ -265,3 +265,15 @@ def test_corrupt_test_video_is_refused_unless_skipped(tiny_synth, tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["skipped_corrupt"] == 1 and res["num_test_videos"] == 35
+
+
+def test_resume_can_extend_epochs_but_not_change_the_model(tiny_synth, tmp_path, caplog):
+    out = tmp_path / "run"
+    ft.run_finetune(tiny_cfg(tiny_synth, "optim.epochs=1", "eval.probe_videos=0"), out)
+    with pytest.raises(UserError, match="do not fit the configured model"):
+        ft.run_finetune(tiny_cfg(tiny_synth, "optim.epochs=2", "model.width=0.125", "eval.probe_videos=0"),
+                        out, resume="auto")
+    with caplog.at_level("WARNING"):
+        ft.run_finetune(tiny_cfg(tiny_synth, "optim.epochs=2", "eval.probe_videos=0"), out, resume="auto")
+    assert "optim.epochs: 1 -> 2" in caplog.text
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -199,6 +199,19 @@ def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes
     }
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``["optim.epochs: 30 -> 100", ...]`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_changes(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
 def _better(select: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -241,7 +254,16 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     best = {"metric": cfg.eval.select, "value": None, "epoch": None}
     start_epoch = 1
     if state is not None:
-        model.load_state_dict(state["model"])
+        changed = config_changes(state.get("config") or {}, cfgmod.to_dict(cfg))
+        if changed and info.is_main:
+            log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
+                        "; ".join(changed))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise UserError(f"--resume {resume_path}: its weights do not fit the configured model "
+                            f"({cfg.model.arch}, {model_options(cfg)}); resume with the run's own config "
+                            f"(leave --config out) [{str(exc).splitlines()[0]}]") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
