@@ -44,8 +44,8 @@ def _load_run_config(args, kind: str):
         if args.resume and existing.exists():
             source = str(existing)
         else:
-            raise UserError(f"--config is required (a recipe from `sdtl recipes` or a YAML file); it may be "
-                            f"left out only with --resume on a run directory that has config.yaml")
+            raise UserError("--config is required (a recipe from `sdtl recipes` or a YAML file); it may be "
+                            "left out only with --resume on a run directory that has config.yaml")
     return cfgmod.load_config(source, overrides, kind=kind)
 
 

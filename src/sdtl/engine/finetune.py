@@ -39,9 +39,9 @@ from sdtl.engine.diagnostics import ForgettingProbe
 from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
-                                  check_finite, configure_determinism, progress, resolve_resume,
-                                  restore_rng, seed_everything)
-from sdtl.errors import RunFailed, UserError
+                                  check_finite, configure_determinism, make_train_loader, progress,
+                                  restore_rng, run_in_process_group, seed_everything, start_run)
+from sdtl.errors import UserError
 from sdtl.regularizers.self_distillation import SelfDistillation
 
 log = logging.getLogger("sdtl.finetune")
@@ -220,26 +220,14 @@ def _better(select: str, value: float, best: float | None) -> bool:
 
 def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | None = None) -> dict | None:
     """Run a whole fine-tuning job; returns the results dict on rank 0 (None on other ranks)."""
-    out_dir = Path(out_dir)
-    cfgmod.validate_ranges(cfg)
-    info = dist_utils.setup(cfg.run.device)
-    try:
-        return _run(cfg, out_dir, resume, info)
-    finally:
-        dist_utils.teardown()
+    return run_in_process_group(cfg, _run, out_dir, resume)
 
 
 def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     from sdtl.data.corrupt import CorruptVideoTracker, check_failures
-    from sdtl.models.checkpoints import safe_load, save_checkpoint
+    from sdtl.models.checkpoints import save_checkpoint
 
-    configure_determinism(cfg.run.deterministic, cfg.run.threads)
-    amp_dtype(cfg.optim.amp, info.device)  # fail early on CPU + AMP
-    resume_path = resolve_resume(out_dir, resume)
-    state = safe_load(resume_path) if resume_path else None
-    if state is not None and state.get("sdtl_format") != "finetune":
-        raise UserError(f"--resume {resume_path}: not an sdtl fine-tuning checkpoint "
-                        f"(format {state.get('sdtl_format')!r}); pass checkpoints/last.pt of a finetune run")
+    resume_path, state = start_run(cfg, out_dir, resume, info, "finetune")
 
     seed_everything(cfg.run.seed)
     train_ds, val_ds, test_ds, classes = build_datasets(cfg)
@@ -298,16 +286,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         model_ddp = nn.parallel.DistributedDataParallel(
             model_ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=cfg.run.seed)
-    from sdtl.data.datasets import collate_clips
-
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.data.batch_size, sampler=sampler,
-                                         num_workers=cfg.data.workers, collate_fn=collate_clips,
-                                         drop_last=True, pin_memory=info.device.type == "cuda")
-    if len(loader) == 0:
-        raise UserError(f"config key data.batch_size: {cfg.data.batch_size} x {info.world_size} process(es) "
-                        f"is larger than the {len(train_ds)} training videos; lower data.batch_size")
+    sampler, loader = make_train_loader(train_ds, cfg.data, info, cfg.run.seed)
     eval_bs = cfg.eval.batch_size or cfg.data.batch_size
     val_loader = make_eval_loader(val_ds, eval_bs, info, cfg.data.workers) if val_ds is not None else None
     tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,

@@ -27,8 +27,8 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
-                                  check_finite, configure_determinism, progress, resolve_resume,
-                                  restore_rng, seed_everything)
+                                  check_finite, make_train_loader, progress, restore_rng,
+                                  run_in_process_group, seed_everything, start_run)
 from sdtl.errors import UserError
 
 log = logging.getLogger("sdtl.pretrain")
@@ -141,29 +141,17 @@ class PretextModel(nn.Module):
 
 def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None) -> Path | None:
     """Pre-train an encoder; returns the path of the encoder checkpoint (rank 0)."""
-    out_dir = Path(out_dir)
-    cfgmod.validate_ranges(cfg)
-    info = dist_utils.setup(cfg.run.device)
-    try:
-        return _run(cfg, out_dir, resume, info)
-    finally:
-        dist_utils.teardown()
+    return run_in_process_group(cfg, _run, out_dir, resume)
 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     from sdtl.data.corrupt import CorruptVideoTracker
-    from sdtl.data.datasets import collate_clips
     from sdtl.engine.finetune import model_options
     from sdtl.models import build_encoder
-    from sdtl.models.checkpoints import safe_load, save_checkpoint
+    from sdtl.models.checkpoints import save_checkpoint
 
-    configure_determinism(cfg.run.deterministic, cfg.run.threads)
+    _, state = start_run(cfg, out_dir, resume, info, "pretrain")
     dtype = amp_dtype(cfg.optim.amp, info.device)
-    resume_path = resolve_resume(out_dir, resume)
-    state = safe_load(resume_path) if resume_path else None
-    if state is not None and state.get("sdtl_format") != "pretrain":
-        raise UserError(f"--resume {resume_path}: not an sdtl pre-training checkpoint; pass "
-                        f"checkpoints/last.pt of a pretrain run")
     task = TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list)
     seed_everything(cfg.run.seed)
@@ -181,14 +169,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         history, start_epoch = list(state["history"]), state["epoch"] + 1
 
     ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed)
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=cfg.run.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.data.batch_size, sampler=sampler,
-                                         num_workers=cfg.data.workers, collate_fn=collate_clips,
-                                         drop_last=True, pin_memory=info.device.type == "cuda")
-    if len(loader) == 0:
-        raise UserError(f"config key data.batch_size: {cfg.data.batch_size} x {info.world_size} is larger than "
-                        f"the {len(ds)} unlabelled videos; lower data.batch_size")
+    sampler, loader = make_train_loader(ds, cfg.data, info, cfg.run.seed)
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,48 @@ def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[Path | None, dict | None]:
+    """Checks shared by every run before any work: determinism, AMP, and which checkpoint to resume."""
+    from sdtl.models.checkpoints import safe_load
+
+    configure_determinism(cfg.run.deterministic, cfg.run.threads)
+    amp_dtype(cfg.optim.amp, info.device)  # fail early on CPU + AMP
+    resume_path = resolve_resume(out_dir, resume)
+    state = safe_load(resume_path) if resume_path else None
+    if state is not None and state.get("sdtl_format") != kind:
+        raise UserError(f"--resume {resume_path}: not an sdtl {kind} checkpoint (format "
+                        f"{state.get('sdtl_format')!r}); pass checkpoints/last.pt of a {kind} run")
+    return resume_path, state
+
+
+def run_in_process_group(cfg, body, out_dir, resume):
+    """Validate, join the torchrun process group (if any), run ``body(cfg, out_dir, resume, info)``."""
+    from sdtl.engine import config as cfgmod
+    from sdtl.engine import distributed as dist_utils
+
+    cfgmod.validate_ranges(cfg)
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        return body(cfg, Path(out_dir), resume, info)
+    finally:
+        dist_utils.teardown()
+
+
+def make_train_loader(dataset, data_cfg, info, seed: int):
+    """Shuffled, sharded (DDP) training loader; every rank gets a distinct part of each epoch."""
+    from sdtl.data.datasets import collate_clips
+
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
+                                         num_workers=data_cfg.workers, collate_fn=collate_clips,
+                                         drop_last=True, pin_memory=info.device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError(f"config key data.batch_size: {data_cfg.batch_size} x {info.world_size} process(es) is "
+                        f"larger than the {len(dataset)} training videos; lower data.batch_size")
+    return sampler, loader
+
+
 # -------------------------------------------------------------------------- seeding, determinism
 def seed_everything(seed: int) -> None:
     random.seed(seed)
