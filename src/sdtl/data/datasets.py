@@ -340,7 +340,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[VideoRecord], classes: list[str], mode: str = "train", clip_len: int = 16,
                  stride: int = 1, num_clips: int = 10, crops: int = 1, size: int = 112, backend: str = "auto",
-                 seed: int = 0, skip_corrupt: bool = True):
+                 seed: int = 0, skip_corrupt: bool = True, crop_area: tuple[float, float] = (0.25, 1.0)):
         if mode not in ("train", "test"):
             raise UserError(f"mode {mode!r}: use 'train' or 'test'")
         if not records:
@@ -363,6 +363,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.backend = resolve_backend(backend)  # resolved once here, so every worker uses the same one
         self.seed = int(seed)
         self.skip_corrupt = skip_corrupt
+        if not (len(crop_area) == 2 and 0 < crop_area[0] <= crop_area[1] <= 1):
+            raise UserError(f"crop_area={list(crop_area)}: need [min, max] with 0 < min <= max <= 1 "
+                            f"(share of the frame area a training crop covers)")
+        self.crop_area = (float(crop_area[0]), float(crop_area[1]))
         self.epoch = 0
 
     @property
@@ -404,7 +408,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         else:
             raise UserError(f"{len(failed)} videos in a row could not be decoded (last: {failed[-1][0]}: "
                             f"{failed[-1][1]}); run `sdtl data check --decode` on this dataset")
-        video = train_transform(frames, self.size, generator=generator)
+        video = train_transform(frames, self.size, generator=generator, scale=self.crop_area)
         return {"video": video, "label": record.label, "video_index": index, "clip_index": 0, "failed": failed}
 
     def _test_item(self, index: int) -> dict:

@@ -36,6 +36,7 @@ class DataConfig:
     clip_len: int = 16
     stride: int = 1
     size: int = 112  # spatial crop side
+    crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range (train)
     val_fraction: float = 0.1  # held out of the training list for model selection (stratified)
     batch_size: int = 8  # per process; the total batch is batch_size x world size
     workers: int = 2
@@ -127,6 +128,7 @@ class PretrainDataConfig:
     list: str | None = None  # optional text file of video paths relative to root
     clip_len: int = 16
     size: int = 112
+    crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range
     batch_size: int = 16
     workers: int = 2
     backend: str = "auto"
@@ -367,6 +369,8 @@ def validate_ranges(cfg) -> None:
     need(data.clip_len >= 1, "data.clip_len", "must be >= 1")
     need(data.size >= 8, "data.size", "must be >= 8 pixels")
     need(data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(len(data.crop_area) == 2 and 0 < data.crop_area[0] <= data.crop_area[1] <= 1, "data.crop_area",
+         "must be [min, max] with 0 < min <= max <= 1, e.g. [0.25, 1.0]")
     need(data.workers >= 0, "data.workers", "must be >= 0")
     o = cfg.optim
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")

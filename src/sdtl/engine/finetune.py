@@ -93,7 +93,8 @@ def build_datasets(cfg, need_train: bool = True):
         train_records, val_records = stratified_split(records, fraction=d.val_fraction, seed=cfg.run.seed)
     else:
         train_records, val_records = records, []
-    train = VideoClipDataset(train_records, classes, mode="train", skip_corrupt=True, **common)
+    train = VideoClipDataset(train_records, classes, mode="train", skip_corrupt=True,
+                             crop_area=tuple(d.crop_area), **common)
     val = (VideoClipDataset(val_records, classes, mode="test", num_clips=cfg.eval.val_clips, crops=1,
                             skip_corrupt=True, **common) if val_records else None)
     return train, val, test, classes

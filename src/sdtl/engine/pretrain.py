@@ -93,10 +93,12 @@ def find_videos(root: str, list_file: str | None) -> list[Path]:
 class PretextClipDataset(torch.utils.data.Dataset):
     """Unlabelled videos -> (augmented clip, pretext target). Undecodable videos are replaced."""
 
-    def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int) -> None:
+    def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int,
+                 crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
         self.paths = paths
         self.task = task
         self.size = size
+        self.crop_area = crop_area
         self.backend = backend
         self.seed = seed
         self.epoch = 0
@@ -120,8 +122,8 @@ class PretextClipDataset(torch.utils.data.Dataset):
                 with open_video(path, self.backend) as reader:
                     indices, target = self.task.sample(reader.num_frames, g)
                     frames = reader.get_frames(indices)
-                return {"video": train_transform(frames, self.size, generator=g), "label": target, "video_index": index,
-                        "clip_index": 0, "failed": failed}
+                video = train_transform(frames, self.size, generator=g, scale=self.crop_area)
+                return {"video": video, "label": target, "video_index": index, "clip_index": 0, "failed": failed}
             except VideoDecodeError as exc:
                 failed.append((str(path), str(exc)))
                 index = int(torch.randint(len(self.paths), (1,), generator=g))
@@ -168,7 +170,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), state["epoch"] + 1
 
-    ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed)
+    ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area))
     sampler, loader = make_train_loader(ds, cfg.data, info, cfg.run.seed)
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
