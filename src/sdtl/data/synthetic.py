@@ -9,19 +9,23 @@ renders a miniature of it as *real encoded video files* (H.264 in .avi, written 
 UCF101 reads it too::
 
     DIR/videos/<Class>/v_<Class>_g<GG>_c<CC>.avi   labelled videos (train and test groups)
-    DIR/lists/classInd.txt                        "1 MoveUp" ... (1-based, like UCF101)
-    DIR/lists/trainlist01.txt                     "MoveUp/v_MoveUp_g01_c01.avi 1"
-    DIR/lists/testlist01.txt                      "MoveUp/v_MoveUp_g07_c01.avi"
+    DIR/lists/classInd.txt                        "1 DriftSlow" ... (1-based, like UCF101)
+    DIR/lists/trainlist01.txt                     "DriftSlow/v_DriftSlow_g01_c01.avi 1"
+    DIR/lists/testlist01.txt                      "DriftSlow/v_DriftSlow_g05_c01.avi"
     DIR/unlabelled/pool_NNNNN.avi                 the large unlabelled pool
     DIR/lists/unlabelled.txt                      relative paths of the pool
     DIR/meta.json                                 preset, seed, version, classes, counts, sizes
 
-**Classes are motions.** Each class is how one "actor" object moves: rising, falling, sliding
-sideways, spinning in place, growing, shrinking, swinging, bobbing, bouncing under gravity, orbiting
-(:data:`CLASS_MOTIONS`). Up/Down and Grow/Shrink are exact time reversals of each other, so even an
-unordered bag of frames cannot separate them; only temporal modelling can. Every class is invariant
-under a horizontal flip (sideways motion goes either way, spins and orbits turn either way), so the
-standard flip augmentation never changes a label.
+**Classes are motions.** Each class is how one "actor" object moves (:data:`CLASS_MOTIONS`):
+gliding slowly or fast, spinning slowly or fast, trembling, bouncing under gravity, speeding up,
+slowing down, swinging, pulsing. They differ in speed, tempo and the time course of motion, the
+properties that also separate many real actions (walk / run, sway / shake) and that a model must
+represent to predict playback speed. DriftSlow and DriftFast differ only in speed; SpeedUp and
+SlowDown are exact time reversals of each other, so an unordered bag of frames cannot separate
+them. Every class is invariant under a horizontal flip (headings and spin directions are random),
+so the standard flip augmentation never changes a label. (A first design used direction classes,
+up / down / grow / shrink: features pre-trained by playback-speed prediction carried no information
+about them, a linear probe scored chance, so that benchmark could not show transfer.)
 
 **Appearance is nuisance.** The actor's shape, size, colour and position, the textured background
 (static or panning like a moving camera), small distractor objects wandering on their own, and
@@ -35,8 +39,9 @@ a small labelled set makes a model trained from scratch latch onto group appeara
 
 **The unlabelled pool** mirrors Kinetics: many longer videos (long enough for a 16-frame clip at
 frame stride 8, the fastest pace of the playback-speed pretext task) whose objects move by random
-*mixtures* of the same motion primitives (drifting and bouncing off walls, spinning, pulsing,
-swinging, falling, orbiting) at the same natural speeds, without labels. Pre-training on it, e.g.
+*mixtures* of the same motion primitives (drifting and bouncing off walls, speeding up or slowing
+down, trembling, falling, swinging, spinning, pulsing) with speeds drawn over the whole range the
+classes span, without labels. Pre-training on it, e.g.
 by predicting playback speed, teaches motion features that transfer; that is what the demo measures.
 
 Generation is deterministic for a (preset, seed): every video draws from its own
@@ -71,16 +76,16 @@ ENCODER_OPTIONS = {"threads": "1", "preset": "veryfast", "crf": "18", "x264-para
 
 # What each class is, in words (also written to meta.json so a reader of the data knows the labels).
 CLASS_MOTIONS: dict[str, str] = {
-    "MoveUp": "translates upwards at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
-    "MoveDown": "translates downwards at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
-    "MoveSideways": "translates left or right at constant speed (1.0-1.6 px/frame at 48 px, +-15 deg)",
-    "Spin": "stays in place and rotates, either direction, 6-12 deg/frame",
-    "Grow": "stays in place and scales up exponentially (log-scale rate 0.022-0.034 per frame)",
-    "Shrink": "stays in place and scales down exponentially (the time reversal of Grow)",
-    "SwingSideways": "oscillates horizontally (amplitude 6-10 px, period 16-28 frames)",
-    "BobVertical": "oscillates vertically (amplitude 6-10 px, period 16-28 frames)",
-    "Bounce": "falls under gravity and bounces off an invisible floor (height 12-20 px, period 14-24 frames)",
-    "Orbit": "moves along a circle, either direction (radius 6-10 px, period 20-32 frames)",
+    "DriftSlow": "glides at a slow constant speed (0.35-0.6 px/frame at 48 px), any heading, bouncing off walls",
+    "DriftFast": "glides at a fast constant speed (1.4-2.4 px/frame at 48 px), any heading, bouncing off walls",
+    "SpinSlow": "rotates in place slowly (2.5-4.5 deg/frame), either direction",
+    "SpinFast": "rotates in place fast (10-16 deg/frame), either direction",
+    "Shake": "trembles in place (an independent 0.8-1.5 px random offset every frame)",
+    "Bounce": "falls under gravity and bounces off a floor (height 12-20 px, period 14-24 frames)",
+    "SpeedUp": "starts at rest and accelerates steadily along a random heading (to 2-3 px/frame)",
+    "SlowDown": "starts fast and decelerates steadily to rest (the time reversal of SpeedUp)",
+    "Swing": "oscillates back and forth along a random direction (amplitude 6-10 px, period 16-28 frames)",
+    "Pulse": "stays in place and periodically grows and shrinks (x1.35-x1.65, period 10-20 frames)",
 }
 
 
@@ -109,8 +114,8 @@ class SyntheticPreset:
         return self.test_groups * self.clips_per_group
 
 
-_TINY_CLASSES = ("MoveUp", "MoveDown", "MoveSideways", "Spin", "Grow", "Shrink")
-_SMALL_CLASSES = _TINY_CLASSES + ("SwingSideways", "BobVertical", "Bounce", "Orbit")
+_TINY_CLASSES = ("DriftSlow", "DriftFast", "SpinSlow", "SpinFast", "Shake", "Bounce")
+_SMALL_CLASSES = _TINY_CLASSES + ("SpeedUp", "SlowDown", "Swing", "Pulse")
 
 PRESETS: dict[str, SyntheticPreset] = {
     # Tests and CI: a few seconds.
@@ -263,39 +268,96 @@ def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
+def _reflect(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fold an unbounded path into [lo, hi], i.e. bounce off the walls."""
+    span = hi - lo
+    q = np.mod(p - lo, 2 * span)
+    return lo + np.where(q > span, 2 * span - q, q)
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+# Motion primitives shared by the labelled classes and the pool, so the pool "covers the same kinds
+# of dynamics". Each returns per-frame (cx, cy, angle, scale) for frames t, starting from (x0, y0);
+# lengths are in 48-px pixels times ``unit``, paths bounce off the walls [lo, hi].
+
+
+def _drift(rng, t, x0, y0, speed, lo, hi):
+    """Constant speed along a random heading, bouncing off the walls (speed in px/frame)."""
+    heading = rng.uniform(0, 2 * np.pi)
+    return (_reflect(x0 + speed * np.cos(heading) * t, lo, hi),
+            _reflect(y0 + speed * np.sin(heading) * t, lo, hi))
+
+
+def _ramp(rng, t, x0, y0, top_speed, lo, hi, accelerate: bool):
+    """Speed changing linearly between 0 and ``top_speed`` over the video, bouncing off walls."""
+    frac = t / max(len(t) - 1, 1)
+    distance = top_speed * len(t) * (frac**2 / 2 if accelerate else frac - frac**2 / 2)
+    heading = rng.uniform(0, 2 * np.pi)
+    return (_reflect(x0 + distance * np.cos(heading), lo, hi),
+            _reflect(y0 + distance * np.sin(heading), lo, hi))
+
+
+def _shake(rng, t, x0, y0, amplitude):
+    """Tremor in place: an independent random offset every frame (high temporal frequency)."""
+    offsets = rng.normal(0, amplitude, size=(2, len(t)))
+    return x0 + offsets[0], y0 + offsets[1]
+
+
+def _bounce(rng, t, x0, y0, height, period, lo, hi, unit):
+    """Falls under gravity and bounces off a floor (parabolic arcs), drifting a little sideways."""
+    phase = (t / period + rng.uniform(0, 1)) % 1.0
+    cy = y0 + height / 2 - 4 * height * phase * (1 - phase)
+    return _reflect(x0 + rng.uniform(-0.4, 0.4) * unit * t, lo, hi), cy
+
+
+def _swing(rng, t, x0, y0, amplitude, period):
+    """Oscillation along a random direction (a pendulum seen from the front)."""
+    theta = rng.uniform(0, 2 * np.pi)
+    wave = amplitude * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+    return x0 + wave * np.cos(theta), y0 + wave * np.sin(theta)
+
+
+def _spin(rng, t, degrees_per_frame):
+    """Rotation in either direction (either, so a horizontal flip never changes the class)."""
+    return rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * np.deg2rad(degrees_per_frame) * t
+
+
+def _pulse(rng, t, amplitude, period):
+    """Scale oscillating in log space: alternating grow and shrink phases."""
+    return np.exp(amplitude * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)))
+
+
 def _class_pose(name: str, rng: np.random.Generator, t: np.ndarray, size: int, unit: float):
     """Per-frame (cx, cy, angle, scale) of the actor for labelled class ``name``.
 
-    Trajectories are centred on the middle frame at a random point, so where the actor is in any
-    single frame has (nearly) the same distribution for every class.
+    Start points are uniform in the same central box for every class and paths bounce off the
+    same walls, so where the actor is in any single frame says (almost) nothing about the class.
     """
-    tc = t - (len(t) - 1) / 2.0
-    x0, y0 = rng.uniform(0.3, 0.7, size=2) * size
-    angle0 = rng.uniform(0, 2 * np.pi)
-    cx, cy = x0 + 0 * tc, y0 + 0 * tc
-    angle, scale = angle0 + 0 * tc, np.ones_like(tc)
-    if name in ("MoveUp", "MoveDown", "MoveSideways"):
-        speed = np.exp(rng.uniform(np.log(1.0), np.log(1.6))) * unit
-        heading = {"MoveUp": -np.pi / 2, "MoveDown": np.pi / 2,
-                   "MoveSideways": float(rng.choice([0.0, np.pi]))}[name] + rng.uniform(-0.26, 0.26)
-        cx, cy = x0 + speed * np.cos(heading) * tc, y0 + speed * np.sin(heading) * tc
-    elif name == "Spin":
-        angle = angle0 + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(6, 12)) * tc
-    elif name in ("Grow", "Shrink"):
-        rate = rng.uniform(0.7, 1.1) / 32.0  # log-scale change per frame
-        scale = np.exp((1 if name == "Grow" else -1) * rate * tc)
-    elif name in ("SwingSideways", "BobVertical"):
-        amp, period = rng.uniform(6, 10) * unit, rng.uniform(16, 28)
-        wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
-        cx, cy = (x0 + wave, cy) if name == "SwingSideways" else (cx, y0 + wave)
+    lo, hi = 0.2 * size, 0.8 * size
+    x0, y0 = rng.uniform(lo, hi, size=2)
+    cx, cy = x0 + 0 * t, y0 + 0 * t
+    angle, scale = rng.uniform(0, 2 * np.pi) + 0 * t, np.ones_like(t)
+    if name == "DriftSlow":
+        cx, cy = _drift(rng, t, x0, y0, _log_uniform(rng, 0.35, 0.6) * unit, lo, hi)
+    elif name == "DriftFast":
+        cx, cy = _drift(rng, t, x0, y0, _log_uniform(rng, 1.4, 2.4) * unit, lo, hi)
+    elif name == "SpinSlow":
+        angle = _spin(rng, t, _log_uniform(rng, 2.5, 4.5))
+    elif name == "SpinFast":
+        angle = _spin(rng, t, _log_uniform(rng, 10, 16))
+    elif name in ("SpeedUp", "SlowDown"):
+        cx, cy = _ramp(rng, t, x0, y0, _log_uniform(rng, 2.0, 3.0) * unit, lo, hi, name == "SpeedUp")
+    elif name == "Shake":
+        cx, cy = _shake(rng, t, x0, y0, rng.uniform(0.8, 1.5) * unit)
     elif name == "Bounce":
-        height, period = rng.uniform(12, 20) * unit, rng.uniform(14, 24)
-        phase = (t / period + rng.uniform(0, 1)) % 1.0
-        cy = y0 + height / 2 - 4 * height * phase * (1 - phase)  # parabolic arcs off a floor
-    elif name == "Orbit":
-        radius, period = rng.uniform(6, 10) * unit, rng.uniform(20, 32)
-        phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
-        cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
+        cx, cy = _bounce(rng, t, x0, y0, rng.uniform(12, 20) * unit, rng.uniform(14, 24), lo, hi, unit)
+    elif name == "Swing":
+        cx, cy = _swing(rng, t, x0, y0, rng.uniform(6, 10) * unit, rng.uniform(16, 28))
+    elif name == "Pulse":
+        scale = _pulse(rng, t, rng.uniform(0.3, 0.5), rng.uniform(10, 20))
     else:
         raise ValueError(f"unknown class {name!r}")
     return cx, cy, angle, scale
@@ -318,59 +380,47 @@ def render_labelled(preset: SyntheticPreset, seed: int, class_index: int, group:
     scene = np.random.default_rng([look["scene_seed"], clip % 2])
     canvas = _background(scene, t, xs, unit)
     rng = np.random.default_rng([seed, _KIND_CLIP, class_index, group, clip])
-    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 4)))
+    _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 3)))
     cx, cy, angle, scale = _class_pose(preset.classes[class_index], rng, t, size, unit)
     colour = _contrasting_colour(np.random.default_rng(look["colour_seed"]), canvas)
     _draw(canvas, _Track(look["shape"], colour, look["radius"] * unit, cx, cy, angle, scale), xs)
     return _finish(rng, canvas)
 
 
-def _reflect(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Fold an unbounded path into [lo, hi], i.e. bounce off the walls."""
-    span = hi - lo
-    q = np.mod(p - lo, 2 * span)
-    return lo + np.where(q > span, 2 * span - q, q)
-
-
 def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
-    """Frames of unlabelled video ``index``: 1-3 actors moving by random mixtures of primitives."""
+    """Frames of unlabelled video ``index``: 1-3 actors moving by random mixtures of primitives.
+
+    Speeds are drawn over the whole range the classes use (slow to fast), so the pool has no
+    class structure of its own; what it teaches is how motion looks at its natural speed.
+    """
     size, unit = preset.size, preset.size / 48.0
     rng = np.random.default_rng([seed, _KIND_POOL, index])
     t = np.arange(preset.pool_frames, dtype=np.float64)
     xs = np.arange(size, dtype=np.float32) + np.float32(0.5)
     canvas = _background(rng, t, xs, unit)
     _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 3)))
+    lo, hi = 0.2 * size, 0.8 * size
     for _actor in range(int(rng.integers(1, 4))):
-        lo, hi = 0.2 * size, 0.8 * size
         x0, y0 = rng.uniform(lo, hi, size=2)
         cx, cy = x0 + 0 * t, y0 + 0 * t
-        motion = rng.choice(["drift", "drift", "fall", "orbit", "still"])
-        if motion == "drift":  # constant speed, bouncing off the walls
-            speed = np.exp(rng.uniform(np.log(1.0), np.log(1.6))) * unit
-            heading = rng.uniform(0, 2 * np.pi)
-            cx = _reflect(x0 + speed * np.cos(heading) * t, lo, hi)
-            cy = _reflect(y0 + speed * np.sin(heading) * t, lo, hi)
-        elif motion == "fall":
-            height, period = rng.uniform(12, 20) * unit, rng.uniform(14, 24)
-            phase = (t / period + rng.uniform(0, 1)) % 1.0
-            cy = y0 + height / 2 - 4 * height * phase * (1 - phase)
-            cx = _reflect(x0 + rng.uniform(-0.6, 0.6) * unit * t, lo, hi)
-        elif motion == "orbit":
-            radius, period = rng.uniform(6, 10) * unit, rng.uniform(20, 32)
-            phi = rng.choice([-1, 1]) * 2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
-            cx, cy = x0 + radius * np.cos(phi), y0 + radius * np.sin(phi)
-        if rng.random() < 0.35:  # swing along a random direction on top of the path
-            amp, period = rng.uniform(6, 10) * unit, rng.uniform(16, 28)
-            theta = rng.uniform(0, 2 * np.pi)
-            wave = amp * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
-            cx, cy = cx + wave * np.cos(theta), cy + wave * np.sin(theta)
+        path = rng.choice(["drift", "drift", "ramp", "bounce", "shake", "still"])
+        if path == "drift":
+            cx, cy = _drift(rng, t, x0, y0, _log_uniform(rng, 0.35, 2.4) * unit, lo, hi)
+        elif path == "ramp":  # pool videos are long: ramp up and down in random order
+            cx, cy = _ramp(rng, t % 64, x0, y0, _log_uniform(rng, 2.0, 3.0) * unit, lo, hi, rng.random() < 0.5)
+        elif path == "bounce":
+            cx, cy = _bounce(rng, t, x0, y0, rng.uniform(12, 20) * unit, rng.uniform(14, 24), lo, hi, unit)
+        elif path == "shake":
+            cx, cy = _shake(rng, t, x0, y0, rng.uniform(0.8, 1.5) * unit)
+        if rng.random() < 0.3:
+            dx, dy = _swing(rng, t, 0.0, 0.0, rng.uniform(6, 10) * unit, rng.uniform(16, 28))
+            cx, cy = cx + dx, cy + dy
         angle = rng.uniform(0, 2 * np.pi) + 0 * t
-        if motion == "still" or rng.random() < 0.4:
-            angle = angle + rng.choice([-1, 1]) * np.deg2rad(rng.uniform(6, 12)) * t
+        if path == "still" or rng.random() < 0.4:
+            angle = _spin(rng, t, _log_uniform(rng, 2.5, 16))
         scale = np.ones_like(t)
-        if motion == "still" or rng.random() < 0.4:  # pulsing: alternating grow and shrink phases
-            scale = np.exp(rng.uniform(0.3, 0.5) * np.sin(2 * np.pi * t / rng.uniform(24, 48)
-                                                          + rng.uniform(0, 2 * np.pi)))
+        if path == "still" or rng.random() < 0.3:
+            scale = _pulse(rng, t, rng.uniform(0.3, 0.5), rng.uniform(10, 20))
         track = _Track(str(rng.choice(_SHAPES)), _contrasting_colour(rng, canvas),
                        rng.uniform(6.0, 10.0) * unit, cx, cy, angle, scale)
         _draw(canvas, track, xs)
