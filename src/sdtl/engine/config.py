@@ -57,8 +57,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and a per-epoch learning-rate schedule."""
+    """SGD with momentum (the paper's) or AdamW, and a per-epoch learning-rate schedule."""
 
+    name: str = "sgd"  # sgd | adamw
     epochs: int = 100
     lr: float = 0.1
     momentum: float = 0.9
@@ -160,6 +161,7 @@ CHOICES = {
     "data.dataset": ("ucf101", "hmdb51", "folder", "csv", "synthetic"),
     "data.on_missing": ("error", "skip"),
     "data.backend": ("auto", "pyav", "torchcodec"),
+    "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "multistep", "constant"),
     "optim.amp": ("off", "bf16", "fp16"),
     "regularizer.reduction": ("mean", "sum"),

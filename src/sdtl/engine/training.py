@@ -125,12 +125,14 @@ def restore_rng(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- optimiser, schedule
-def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None) -> torch.optim.SGD:
+def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": optim_cfg.lr,
                "name": "encoder"}]
     if head is not None:
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
                        "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "name": "head"})
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                            weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.nesterov)
 
