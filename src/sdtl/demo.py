@@ -46,7 +46,7 @@ FULL = DemoPlan(preset="small", seeds=5, pretrain_recipe="synthetic_pretrain",
                 finetune_recipe="synthetic_small")
 QUICK = DemoPlan(preset="small", seeds=2, pretrain_recipe="synthetic_pretrain",
                  finetune_recipe="synthetic_small",
-                 pretrain_overrides=("optim.epochs=3",), finetune_overrides=("optim.epochs=8",))
+                 pretrain_overrides=("optim.epochs=4",), finetune_overrides=("optim.epochs=12",))
 
 METHODS = {
     "scratch": "from scratch (random init, λ=0)",

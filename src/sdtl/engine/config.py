@@ -126,7 +126,7 @@ class PretrainDataConfig:
     """Unlabelled videos for self-supervised pre-training."""
 
     root: str = ""  # a folder searched recursively for videos, or the folder `sdtl synth` wrote
-    list: str | None = None  # optional text file of video paths relative to root
+    list_file: str | None = None  # optional text file of video paths relative to root
     clip_len: int = 16
     size: int = 112
     crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range

@@ -71,7 +71,7 @@ def find_videos(root: str, list_file: str | None) -> list[Path]:
     if list_file is not None:
         lf = Path(list_file)
         if not lf.is_file():
-            raise UserError(f"config key data.list: {list_file} not found; give a text file of video paths")
+            raise UserError(f"config key data.list_file: {list_file} not found; give a text file of video paths")
         paths, missing = [], []
         for n, line in enumerate(lf.read_text().splitlines(), start=1):
             name = line.strip().split()[0] if line.strip() else ""
@@ -80,7 +80,7 @@ def find_videos(root: str, list_file: str | None) -> list[Path]:
             p = base / name
             (paths if p.exists() else missing).append(p)
         if missing:
-            raise UserError(f"data.list {list_file}: {len(missing)} listed videos are missing under {root} "
+            raise UserError(f"data.list_file {list_file}: {len(missing)} listed videos are missing under {root} "
                             f"(first: {', '.join(str(m) for m in missing[:3])}); fix the list or the root")
     else:
         paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
@@ -155,7 +155,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     _, state = start_run(cfg, out_dir, resume, info, "pretrain")
     dtype = amp_dtype(cfg.optim.amp, info.device)
     task = TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
-    paths = find_videos(cfg.data.root, cfg.data.list)
+    paths = find_videos(cfg.data.root, cfg.data.list_file)
     seed_everything(cfg.run.seed)
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
     model = PretextModel(encoder, task.num_outputs).to(info.device)
