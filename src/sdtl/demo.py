@@ -42,11 +42,14 @@ class DemoPlan:
     sd_weight: float = 100.0
 
 
+# Budgets on 2 CPU cores: FULL <= 30 min, QUICK <= 5 min (issue #2).
 FULL = DemoPlan(preset="small", seeds=5, pretrain_recipe="synthetic_pretrain",
-                finetune_recipe="synthetic_small")
+                finetune_recipe="synthetic_small",
+                pretrain_overrides=("optim.epochs=10",), finetune_overrides=("optim.epochs=20",))
 QUICK = DemoPlan(preset="small", seeds=2, pretrain_recipe="synthetic_pretrain",
                  finetune_recipe="synthetic_small",
-                 pretrain_overrides=("optim.epochs=4",), finetune_overrides=("optim.epochs=12",))
+                 pretrain_overrides=("optim.epochs=2",),
+                 finetune_overrides=("optim.epochs=6", "eval.num_clips=5", "eval.probe_videos=0"))
 
 METHODS = {
     "scratch": "from scratch (random init, λ=0)",
