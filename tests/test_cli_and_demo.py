@@ -94,6 +94,8 @@ def test_demo_end_to_end_on_tiny_plan(tiny_synth, tmp_path):
     summary = run_demo(out, data_dir=str(tiny_synth), plan=plan)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["seeds"] == [0, 1]
+    assert saved["dataset"]["preset"] == "tiny" and saved["dataset"]["classes"] == 6
+    assert 0 <= saved["pretext_train_acc"] <= 100
     for method in ("scratch", "plain", "sd"):
         stats = saved["methods"][method]["video_acc1"]
         assert len(stats["values"]) == 2

@@ -126,7 +126,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: int | None = None, dat
     timings["finetune_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
-    summary = summarise(runs, plan, n_seeds, quick, data, timings)
+    summary = summarise(runs, plan, n_seeds, quick, data, timings, pre_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(render_markdown(summary))
     plot_summary(summary, out / "summary.png")
@@ -141,7 +141,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: dict, plan: DemoPlan, n_seeds: int, quick: bool, data: Path, timings: dict) -> dict:
+def summarise(runs: dict, plan: DemoPlan, n_seeds: int, quick: bool, data: Path, timings: dict,
+              pre_dir: Path) -> dict:
     any_run = next(iter(runs.values()))[0]
     methods = {}
     for method, rs in runs.items():
@@ -154,10 +155,17 @@ def summarise(runs: dict, plan: DemoPlan, n_seeds: int, quick: bool, data: Path,
         entry["selected_epochs"] = [r["selected"]["epoch"] for r in rs]
         methods[method] = entry
     meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}
+    preset = meta.get("preset")
+    pretrain_log = pre_dir / "metrics.jsonl"
+    pretext = None
+    if pretrain_log.exists() and pretrain_log.read_text().strip():
+        pretext = json.loads(pretrain_log.read_text().strip().splitlines()[-1]).get("train_acc")
     return {
         "methods": methods, "seeds": list(range(n_seeds)), "quick": quick,
-        "protocol": any_run["protocol"], "dataset": {"root": str(data), "preset": meta.get("preset"),
-                                                     "classes": len(meta.get("classes", [])) or None},
+        "protocol": any_run["protocol"],
+        "dataset": {"root": str(data), "preset": preset.get("name") if isinstance(preset, dict) else preset,
+                    "classes": len(meta.get("classes", [])) or None},
+        "pretext_train_acc": pretext,
         "pretrain_recipe": plan.pretrain_recipe, "finetune_recipe": plan.finetune_recipe,
         "overrides": {"pretrain": list(plan.pretrain_overrides), "finetune": list(plan.finetune_overrides)},
         "sd_weight": plan.sd_weight, "regularizer": runs["sd"][0]["regularizer"], "wall_time_s": timings,
@@ -197,6 +205,9 @@ def render_markdown(summary: dict) -> str:
         f"Recipes: pre-train `{summary['pretrain_recipe']}`, fine-tune `{summary['finetune_recipe']}` "
         f"(overrides: {summary['overrides']}); self-distillation λ = {summary['sd_weight']:g} "
         f"(reduction {summary['regularizer']['reduction']}, teacher BN {summary['regularizer']['teacher_bn']}).",
+        (f"Pre-training: playback-speed (pace) accuracy on the pool at the last epoch "
+         f"{summary['pretext_train_acc']:.1f}% (chance 25%)." if summary.get("pretext_train_acc") is not None
+         else "Pre-training: reused encoder (pretext accuracy not recorded)."),
         f"Wall time: total {t['total_s'] / 60:.1f} min (data {t['data_s']:.0f} s, pre-training "
         f"{t['pretrain_s']:.0f} s, fine-tuning {t['finetune_s']:.0f} s) on {summary['machine']['platform']}, "
         f"torch {summary['machine']['torch']}, {summary['machine']['threads']} threads.",
