@@ -43,6 +43,15 @@ down, falling, swinging, spinning, pulsing), each at one narrow natural tempo, w
 Playing them back faster or slower produces the speeds that tell the classes apart. Pre-training on it, e.g.
 by predicting playback speed, teaches motion features that transfer; that is what the demo measures.
 
+**Measured transfer** (preset small, seed 0; width-1/8 R(2+1)D-VCOP, 16x32x32 clips, 2 CPU
+threads, 3 fine-tune seeds; scripts kept outside the repository). Playback-speed pre-training on
+the pool (strides 1/2/4/8, AdamW lr 1e-3 cosine, batch 32, 800 steps, fixed-scale crops of 0.8 of
+the frame side + flip; 82% pretext accuracy), then fine-tuning on the 12 labelled videos per class
+(AdamW lr 3e-4, wd 1e-4, cosine, batch 16, 60 epochs, random resized crop area 0.25-1 + flip;
+10 centre clips per test video): pre-trained 30.8 +- 4.3 % video accuracy vs scratch 11.7 +- 1.8 %
+(chance 10 %). With SGD (lr 0.01-0.1) the pretext did not leave chance in 400 steps, and SGD
+fine-tuning at lr 0.01-0.05 erased the pre-trained features (both runs near chance).
+
 Generation is deterministic for a (preset, seed): every video draws from its own
 ``numpy.random.default_rng([seed, kind, ...])`` stream and the encoder is pinned to one thread with
 x264's macroblock-tree rate control off (with it on, x264 output varied from run to run on tiny
