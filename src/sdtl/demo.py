@@ -45,7 +45,7 @@ class DemoPlan:
 # Budgets on 2 CPU cores: FULL <= 30 min, QUICK <= 5 min (issue #2).
 FULL = DemoPlan(preset="small", seeds=5, pretrain_recipe="synthetic_pretrain",
                 finetune_recipe="synthetic_small",
-                pretrain_overrides=("optim.epochs=10",), finetune_overrides=("optim.epochs=20",))
+                finetune_overrides=("optim.epochs=40",))
 QUICK = DemoPlan(preset="small", seeds=2, pretrain_recipe="synthetic_pretrain",
                  finetune_recipe="synthetic_small",
                  pretrain_overrides=("optim.epochs=2",),
