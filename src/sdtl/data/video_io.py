@@ -22,8 +22,10 @@ collector are the classic RAM growth of long PyAV runs).
 from __future__ import annotations
 
 import bisect
+import fractions
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +90,15 @@ def backend_report() -> dict[str, str]:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` -> torchcodec when usable (1.5-3x faster here), else PyAV. Explicit names are checked."""
+    """``auto`` -> PyAV; ``torchcodec`` is used only when asked for. Explicit names are checked.
+
+    Evidence (BENCHMARKS.md, 2 cores, a new reader per 16-frame clip): torchcodec was 1.6-1.8x faster
+    on MPEG-4 Part 2 (XviD) AVI but 2.4x slower on long-GOP H.264, and its colour conversion differs
+    from PyAV's bundled FFmpeg by 1-2 levels. PyAV is exact on every file (per-frame timestamp
+    checks) and gives the same pixels on every machine, so it is the default.
+    """
     if backend == "auto":
-        reason = _torchcodec_status()
-        if reason is not None:
-            log.debug("video backend: pyav (%s)", reason)
-        return "pyav" if reason else "torchcodec"
+        return "pyav"
     if backend == "pyav":
         return "pyav"
     if backend == "torchcodec":
@@ -107,6 +112,17 @@ def resolve_backend(backend: str = "auto") -> str:
     from sdtl.errors import UserError
 
     raise UserError(f"backend {backend!r}: unknown video backend; use auto, pyav or torchcodec")
+
+
+def decoder_identity(backend: str = "auto") -> str:
+    """What decodes the videos, with versions: recorded with every run, because backends (and FFmpeg
+    builds) differ by 1-2 pixel levels and a model should be evaluated with the decoder it saw."""
+    name = resolve_backend(backend)
+    if name == "torchcodec":
+        import torchcodec
+
+        return f"torchcodec {getattr(torchcodec, '__version__', '?')} (system FFmpeg)"
+    return f"pyav {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions.get('libavcodec', ())))} bundled)"
 
 
 def open_video(path, backend: str = "auto") -> "VideoReader":
@@ -216,12 +232,15 @@ def _scan_packets(container, stream) -> tuple[_PacketIndex | None, int, str | No
     """Demux (no decoding) the video stream. Returns (index or None, packet count, reason if no index)."""
     pts, keys = [], []
     missing = 0
+    in_decode_order = True  # every packet's pts larger than the previous packet's
     for packet in container.demux(stream):
         if packet.size == 0 or packet.is_discard:  # flush packets; edit-list pre-roll (not shown)
             continue
         if packet.pts is None:
             missing += 1
             continue
+        if pts and packet.pts <= pts[-1]:
+            in_decode_order = False
         pts.append(packet.pts)
         if packet.is_keyframe:
             keys.append(packet.pts)
@@ -236,6 +255,12 @@ def _scan_packets(container, stream) -> tuple[_PacketIndex | None, int, str | No
     keys.sort()
     if keys[0] != sorted_pts[0]:
         return None, count, "the first frame is not a key frame"
+    if in_decode_order and stream.codec_context.has_b_frames and count > 2:
+        # With B-frames, presentation order differs from decode (packet) order, so real presentation
+        # timestamps cannot increase packet by packet. These do: the muxer wrote pts = dts (seen in
+        # real MP4/MKV files), frame i is not the i-th smallest pts, and any seek by pts (PyAV's or
+        # torchcodec's) lands on a neighbouring frame.
+        return None, count, "B-frames with timestamps in decode order (pts == dts): presentation order unknown"
     return _PacketIndex(sorted_pts, keys), count, None
 
 
@@ -421,14 +446,15 @@ class TorchcodecReader(VideoReader):
         self.path = Path(path)
         self._fallback: PyAVReader | None = None
         self._decoder = None
-        container = _open_container(self.path)  # header only (~0.2 ms): format and B-frame flag
-        try:
-            self.sequential = _is_seekable_format(container, container.streams.video[0])
-        finally:
-            container.close()
+        # The same probe as PyAV's (header + packet index, no decoding) decides whether this file may
+        # be seeked at all; torchcodec returns neighbouring frames, without an error, on every file it
+        # rejects (AVI with B-frames, pts == dts B-frame muxes, MPEG-PS, ...).
+        self.sequential, index, time_base = _probe_packets(self.path)
         if self.sequential is not None:
             self._fallback = PyAVReader(self.path)
+            self._fallback.sequential = self.sequential
             return
+        self._expected_s = [float(p * time_base) for p in index.pts]
         try:
             from torchcodec.decoders import VideoDecoder
 
@@ -469,11 +495,14 @@ class TorchcodecReader(VideoReader):
             raise VideoDecodeError(self.path, _describe(exc)) from None
         frames = batch.data
         times = batch.pts_seconds.tolist()
-        if any(b <= a for a, b in zip(times, times[1:])):
-            # torchcodec's index disagrees with itself: trust a decode from the start instead.
-            self.sequential = "torchcodec returned non-increasing timestamps"
+        expected = [self._expected_s[i] if i < len(self._expected_s) else math.nan for i in wanted]
+        if len(self._expected_s) != self._n or any(not abs(a - b) < 1e-4 for a, b in zip(times, expected)):
+            # torchcodec's frames are not the ones the packet index names: PyAV decodes this file
+            # (seeking with a per-frame timestamp check, or from the start).
+            self.sequential = (f"torchcodec returned frames at {times[:3]} s for indices {wanted[:3]}, "
+                               f"the packet index says {expected[:3]}")
+            log.debug("%s: %s", self.path, self.sequential)
             self._fallback = PyAVReader(self.path)
-            self._fallback.sequential = self.sequential
             return self._fallback.get_frames(indices)
         if wanted == idx:
             return frames
@@ -500,26 +529,32 @@ class VideoProbe:
     sequential: str | None  # why seeking is not trusted for this file (None = seeks are exact)
 
 
-def sequential_reason(path) -> str | None:
-    """Why ``path`` must be decoded from the start (None: it can be seeked frame-exactly).
-
-    Cheap: header + packet index only. :func:`probe_video` additionally verifies every timestamp.
-    """
+def _probe_packets(path) -> tuple[str | None, "_PacketIndex | None", fractions.Fraction]:
+    """(why ``path`` must be decoded from the start or None, its packet index, the stream time base)."""
     container = _open_container(path)
     try:
         stream = container.streams.video[0]
-        reason = _is_seekable_format(container, stream)
+        reason, index = _is_seekable_format(container, stream), None
         if reason is None:
-            _, count, reason = _scan_packets(container, stream)
+            index, count, reason = _scan_packets(container, stream)
             if count == 0:
                 raise VideoDecodeError(path, "no video packets (empty or truncated file)")
-        return reason
+        return reason, index, stream.time_base
     except VideoDecodeError:
         raise
     except Exception as exc:
         raise VideoDecodeError(path, _describe(exc)) from None
     finally:
         container.close()
+
+
+def sequential_reason(path) -> str | None:
+    """Why ``path`` must be decoded from the start (None: it can be seeked frame-exactly).
+
+    Cheap: header + packet index only, the same probe both readers use. :func:`probe_video`
+    additionally verifies every timestamp.
+    """
+    return _probe_packets(path)[0]
 
 
 def needs_sequential_decode(path) -> bool:
