@@ -50,7 +50,7 @@ class DemoPlan:
     finetune_recipe: str
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
-    sd_weight: float = 10.0
+    sd_weight: float = 1.0  # chosen by the --lr-grid rule (docs/demo_regime.md)
     lrs: tuple[float, ...] = ()  # lr-grid only
     weights: tuple[float, ...] = ()  # lr-grid only: the λ values
 
@@ -104,7 +104,9 @@ def _plan_identity(plan: DemoPlan) -> dict:
     return {k: v for k, v in asdict(plan).items() if k != "seeds"}
 
 
-def _claim_out(out: Path, plan: DemoPlan, force: bool) -> None:
+def _claim_out(out: Path, plan: DemoPlan, force: bool, write: bool = True) -> None:
+    from sdtl.engine.runlock import LOCK_NAME
+
     marker = _marker(out)
     if marker.exists():
         old = json.loads(marker.read_text())
@@ -115,9 +117,11 @@ def _claim_out(out: Path, plan: DemoPlan, force: bool) -> None:
             raise UserError(f"--out {out}: holds a `sdtl demo` of plan {old.get('plan', '?')!r} with other settings "
                             f"({', '.join(diff)}); this is plan {plan.name!r}. Nothing was changed: choose another "
                             f"--out (the default for this plan is {DEFAULT_OUT[plan.name]})")
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not an sdtl demo folder; choose a new --out "
                         f"(or pass --force to add the demo's folders to it; nothing in it is deleted)")
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"plan": plan.name, "identity": _plan_identity(plan)}, indent=2) + "\n")
 
@@ -604,8 +608,15 @@ def run_demo(out: str | Path | None = None, quick: bool = False, seeds: int | No
     # Validate the recipes before anything is written.
     cfgmod.load_config(plan.pretrain_recipe, list(plan.pretrain_overrides), kind="pretrain")
     cfgmod.load_config(plan.finetune_recipe, list(plan.finetune_overrides), kind="finetune")
-    _claim_out(out, plan, force)
+    from sdtl.engine.runlock import RunLock
 
+    _claim_out(out, plan, force, write=False)  # refuse a foreign folder before writing a lock file into it
+    with RunLock(out, "demo"):
+        _claim_out(out, plan, force)
+        return _run_plan(out, plan, n_seeds, data_dir)
+
+
+def _run_plan(out: Path, plan: DemoPlan, n_seeds: int, data_dir: str | None) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -451,11 +451,20 @@ def _log_epoch_line(record: dict, cfg) -> None:
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                         allow_unsafe_pickle: bool = False) -> dict:
     """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (out_dir / "results.json").exists():
+        raise UserError(f"--out {out_dir}: already holds results.json; choose another --out directory")
+    from sdtl.engine.runlock import RunLock
+
+    with RunLock(out_dir, "evaluate"):
+        return _evaluate_checkpoint(checkpoint, out_dir, overrides, allow_unsafe_pickle)
+
+
+def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pickle: bool) -> dict:
     from sdtl.data.corrupt import check_failures
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (out_dir / "results.json").exists():
+    if (out_dir / "results.json").exists():  # written by a process that held the lock before us
         raise UserError(f"--out {out_dir}: already holds results.json; choose another --out directory")
     model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     base = payload.get("config") or {}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdtl.engine.runlock import LOCK_NAME, RunLock
 from sdtl.errors import RunFailed, UserError
 
 
@@ -27,7 +28,7 @@ def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
     """
     last = out_dir / "checkpoints" / "last.pt"
     if resume is None:
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
             what = "a run" if (out_dir / "config.yaml").exists() or last.exists() else "files"
             raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
                             f"or choose a new --out directory")
@@ -63,9 +64,17 @@ def run_in_process_group(cfg, body, out_dir, resume):
     cfgmod.validate_ranges(cfg)
     info = dist_utils.setup(cfg.run.device)
     try:
-        return body(cfg, Path(out_dir), resume, info)
+        if not info.is_main:  # rank 0 holds the run directory for the whole process group
+            return body(cfg, Path(out_dir), resume, info)
+        resolve_resume(Path(out_dir), resume)  # refuse a foreign folder before writing a lock file into it
+        with RunLock(out_dir, kind_of(cfg)):
+            return body(cfg, Path(out_dir), resume, info)
     finally:
         dist_utils.teardown()
+
+
+def kind_of(cfg) -> str:
+    return "pretrain" if hasattr(cfg, "task") else "finetune"
 
 
 def make_train_loader(dataset, data_cfg, info, seed: int):
