@@ -1,6 +1,8 @@
 """Frame-exact decoding on small videos written here, both backends, and undecodable files."""
 from __future__ import annotations
 
+import dataclasses
+
 import av
 import numpy as np
 import pytest
@@ -22,6 +24,14 @@ VIDEOS = {
     "mpeg4_b.avi": (dict(codec="mpeg4", gop=12, bframes=2), False),
     "mpeg2.mpg": (dict(codec="mpeg2video", gop=12, bframes=2), False),  # MPEG program stream
     "raw.h264": (dict(codec="libx264", gop=12), False),  # elementary stream: no timestamps at all
+    # Files whose packet timestamps are decode times, not presentation times: torchcodec returned
+    # neighbouring frames on them without an error (issue 10, item 1).
+    "h264_ptsdts.mp4": (dict(codec="libx264", gop=12, bframes=2), False),  # like opencv's box.mp4
+    "h264_ptsdts.mkv": (dict(codec="libx264", gop=12, bframes=2), False),
+    "mpeg4_b_remux.mkv": (dict(codec="mpeg4", gop=12, bframes=2), False),  # XviD AVI stream-copied
+    "mpeg4_b_remux.mp4": (dict(codec="mpeg4", gop=12, bframes=2), False),
+    # The same AVI stream-copied by a muxer that rebuilds presentation times: real pts, seekable.
+    "mpeg4_b_genpts.mkv": (dict(codec="mpeg4", gop=12, bframes=2), True),
 }
 
 
@@ -40,6 +50,52 @@ def _write_vfr(path, frames):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+
+
+def _write_pts_eq_dts(path, frames, bframes=2):
+    """H.264 with B-frames whose packets carry pts == dts (decode times), 32-34 ms apart."""
+    import fractions
+
+    ms = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.gop_size, s.codec_context.max_b_frames = 12, bframes
+        s.codec_context.time_base = s.time_base = ms
+        n = 0
+
+        def mux(packets):
+            nonlocal n
+            for p in packets:
+                p.pts = p.dts = n * 33 + (n % 3 == 1) - (n % 3 == 2)
+                p.time_base = ms
+                c.mux(p)
+                n += 1
+
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = i * 33, ms
+            mux(s.encode(vf))
+        mux(s.encode())
+
+
+def _remux(src, dst, avi_times: bool):
+    """Stream-copy (no re-encoding) the video of ``src`` into ``dst``. With ``avi_times`` every packet
+    is stamped with its AVI position (AVI stores decode order only), as remuxers without a parser do;
+    without, the demuxer's reconstructed presentation times are kept."""
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        ins = i.streams.video[0]
+        outs = o.add_stream_from_template(ins)
+        k = 0
+        for p in i.demux(ins):
+            if p.size == 0:
+                continue
+            if avi_times:
+                p.pts = p.dts = k
+                p.time_base = ins.time_base
+            p.stream = outs
+            o.mux(p)
+            k += 1
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +117,11 @@ def videos(tmp_path_factory):
                         c.mux(p)
                 for p in s.encode():
                     c.mux(p)
+        elif name.startswith("h264_ptsdts"):
+            _write_pts_eq_dts(path, frames)
+        elif "_remux" in name or "_genpts" in name:
+            avi = write_video(root / f"{name}.src.avi", frames, **kw)
+            _remux(avi, path, avi_times="_remux" in name)
         elif name == "raw.h264":
             with av.open(str(path), "w", format="h264") as c:
                 s = c.add_stream("libx264", rate=25)
@@ -94,11 +155,11 @@ def test_clips_equal_sequential_decode(videos, name, backend):
     assert len(truth) == T
     # the content really is frame t at position t (so comparing positions compares frames)
     assert [read_number(f) for f in truth] == list(range(T))
-    with open_video(videos[name], backend) as r:
+    with open_video(videos[name], backend, video_io.ProbeCache()) as r:  # nothing learned before
         assert r.num_frames == T
         assert (r.sequential is None) == VIDEOS[name][1], r.sequential
         for idx in ([0, 1, 2, 3], [25, 26, 27, 28, 29, 30], [47, 48, 49], [T - 1], [13, 50, 13, 2, 2],
-                    list(range(T - 16, T)), [30, 5, 40]):
+                    list(range(T - 16, T)), [30, 5, 40], list(range(10, 42, 2)), list(range(3, T, 8))):
             got = r.get_frames(idx)
             assert got.dtype == torch.uint8 and tuple(got.shape) == (len(idx), 64, 96, 3)
             np.testing.assert_array_equal(got.numpy(), truth[idx], err_msg=f"{name} {backend} {idx}")
@@ -120,15 +181,17 @@ def test_seek_path_is_used_and_checked(videos, monkeypatch):
         r.get_frames([50, 51])
         assert r.sequential is None
     # a corrupted index (frame 1 of the index points at frame 2's timestamp) is caught by the pts check
-    with open_video(videos["h264.mp4"], "pyav") as r:
-        r._index.pts[30] += 1
+    with open_video(videos["h264.mp4"], "pyav", video_io.ProbeCache()) as r:
+        pts = list(r._probe.pts)
+        pts[30] += 1
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
         np.testing.assert_array_equal(r.get_frames([31, 32]).numpy(), sequential_decode(videos["h264.mp4"])[[31, 32]])
         assert r.sequential is not None and "seek check failed" in r.sequential
 
 
 def test_probe_and_sequential_reason(videos):
     for name, (_, seekable) in VIDEOS.items():
-        assert (sequential_reason(videos[name]) is None) == seekable, name
+        assert (sequential_reason(videos[name], video_io.ProbeCache()) is None) == seekable, name
         probe = probe_video(videos[name])
         assert probe.num_frames == T and (probe.width, probe.height) == (96, 64)
         assert (probe.sequential is None) == seekable
@@ -198,3 +261,17 @@ def test_resolve_backend():
 
     with pytest.raises(UserError, match="unknown video backend"):
         video_io.resolve_backend("decord")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["h264_ptsdts.mp4", "h264_ptsdts.mkv", "mpeg4_b_remux.mkv", "mpeg4_b_remux.mp4",
+                                  "mpeg2.mpg", "h264.mp4"])
+def test_every_single_frame_with_a_new_reader(videos, name, backend):
+    """What a DataLoader does: a new reader per clip. Every frame must be the one asked for."""
+    wrong = []
+    for i in range(T):
+        with open_video(videos[name], backend) as r:
+            got = read_number(r.get_frames([i])[0].numpy())
+        if got != i:
+            wrong.append((i, got))
+    assert not wrong, f"{name} {backend}: (asked, got) {wrong}"
