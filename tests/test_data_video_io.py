@@ -275,3 +275,121 @@ def test_every_single_frame_with_a_new_reader(videos, name, backend):
         if got != i:
             wrong.append((i, got))
     assert not wrong, f"{name} {backend}: (asked, got) {wrong}"
+
+
+UNTRUSTED = [name for name, (_, seekable) in VIDEOS.items() if not seekable]
+
+
+@pytest.mark.skipif("torchcodec" not in video_io.available_backends(), reason="torchcodec not usable here")
+@pytest.mark.parametrize("name", UNTRUSTED)
+def test_torchcodec_never_seeks_a_file_the_probe_distrusts(videos, name):
+    with open_video(videos[name], "torchcodec", video_io.ProbeCache()) as r:
+        assert r.decoder == "pyav" and r.sequential is not None
+        assert [read_number(f) for f in r.get_frames([7, 9, 11])] == [7, 9, 11]
+
+
+@pytest.mark.skipif("torchcodec" not in video_io.available_backends(), reason="torchcodec not usable here")
+def test_torchcodec_frames_are_checked_against_the_probe(videos):
+    """torchcodec indexes the file with its own FFmpeg; when the timestamp of a frame it returns is not
+    the probe's for that index (here: one index entry moved by a tick, as another FFmpeg may label it),
+    the file goes to PyAV's exact path, and the next reader knows it without asking torchcodec."""
+    cache = video_io.ProbeCache()
+    with open_video(videos["h264.mp4"], "torchcodec", cache) as r:
+        assert r.decoder == "torchcodec"
+        assert [read_number(f) for f in r.get_frames([20, 21])] == [20, 21]
+        pts = list(r._probe.pts)
+        pts[30] += 1
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
+        assert [read_number(f) for f in r.get_frames([29, 30, 31])] == [29, 30, 31]
+        assert r.decoder == "pyav"
+    with open_video(videos["h264.mp4"], "torchcodec", cache) as again:
+        assert again.decoder == "pyav" and "torchcodec returned pts" in again._probe.torchcodec
+
+
+def _count_calls(monkeypatch, name) -> list:
+    """Count calls of a video_io function; the real function still runs."""
+    calls = []
+    real = getattr(video_io, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video_io, name, counted)
+    return calls
+
+
+def test_each_file_is_probed_once_per_run(videos, tmp_path, monkeypatch):
+    """Two workers of a run (two caches on one index file): the second neither probes nor counts
+    frames by decoding, and does not repeat a seek that failed for the first (issue 10, item 12)."""
+    probes = _count_calls(monkeypatch, "_probe_file")
+    counts = _count_calls(monkeypatch, "_count_frames_by_decoding")
+    index = tmp_path / "video_index.jsonl"
+    first, second = video_io.ProbeCache(index), video_io.ProbeCache(index)
+    mpg = videos["mpeg2.mpg"]  # MPEG-PS: no frame count without decoding the file
+    with open_video(mpg, "pyav", first) as r:
+        assert r.num_frames == T and r.frame_count_source == "decode"
+    assert (len(probes), len(counts)) == (1, 1)
+    with open_video(mpg, "pyav", second) as r:
+        assert r.num_frames == T and r.get_frames([T - 1]).shape[0] == 1
+    assert (len(probes), len(counts)) == (1, 1)
+
+    # a seek that failed its check is not tried again by the next reader
+    seeks = []
+    real_seek = video_io.PyAVReader._decode_seeking
+    monkeypatch.setattr(video_io.PyAVReader, "_decode_seeking",
+                        lambda self, wanted: (seeks.append(wanted), real_seek(self, wanted))[1])
+    mp4 = videos["h264.mp4"]
+    with open_video(mp4, "pyav", first) as r:
+        pts = list(r._probe.pts)
+        pts[30] += 1  # an index the decoder contradicts
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
+        assert [read_number(f) for f in r.get_frames([31])] == [31]
+        assert "seek check failed" in r.sequential
+    assert len(seeks) == 1
+    with open_video(mp4, "pyav", second) as r:
+        assert "seek check failed" in r.sequential
+        assert [read_number(f) for f in r.get_frames([40])] == [40]
+    assert len(seeks) == 1 and len(probes) == 2  # mp4 probed once, by the first reader
+
+    # the index file holds one line per probe and per learned fact, nothing else
+    lines = index.read_text().splitlines()
+    assert len(lines) == 4  # mpg probed, mpg counted, mp4 probed, mp4 seek failed
+
+
+def test_a_changed_file_is_probed_again(tmp_path, monkeypatch):
+    probes = _count_calls(monkeypatch, "_probe_file")
+    cache = video_io.ProbeCache(tmp_path / "video_index.jsonl")
+    path = write_video(tmp_path / "v.mp4", numbered_frames(20))
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 20
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 20
+    assert len(probes) == 1
+    write_video(path, numbered_frames(30))  # same name, new content
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 30 and read_number(r.get_frames([29])[0]) == 29
+    assert len(probes) == 2
+
+
+def test_probe_cache_survives_torn_lines(tmp_path):
+    """A line cut short (a worker killed mid-write) costs a re-probe, not an error."""
+    index = tmp_path / "video_index.jsonl"
+    path = write_video(tmp_path / "v.avi", numbered_frames(12), codec="mpeg4")
+    video_io.probe_file(path, video_io.ProbeCache(index))
+    whole = index.read_text()
+    index.write_text(whole + whole[: len(whole) // 2])  # a second, unfinished line
+    fresh = video_io.ProbeCache(index)
+    assert fresh.get(video_io._file_key(path)).num_frames == 12
+    index.write_text("not json\n" + whole)
+    assert video_io.ProbeCache(index).get(video_io._file_key(path)).num_frames == 12
+
+
+def test_auto_backend_and_decoder_record():
+    assert video_io.resolve_backend("auto") == video_io.AUTO_BACKEND == "pyav"
+    record = video_io.decoder_record("auto")
+    assert record["backend"] == "pyav" and "PyAV" in record["decoder"]
+    assert video_io.decoder_mismatch(record, "pyav") is None
+    assert video_io.decoder_mismatch(None, "pyav") is None  # checkpoints written before the record
+    warning = video_io.decoder_mismatch({"backend": "torchcodec", "decoder": "torchcodec 0.17"}, "auto")
+    assert "torchcodec" in warning and "pyav" in warning and "--set data.backend=torchcodec" in warning

@@ -142,6 +142,22 @@ def decoder_description(backend: str) -> str:
     return f"torchcodec: torchcodec {version} (system FFmpeg {ffmpeg}); files it cannot seek exactly: {pyav}"
 
 
+def decoder_record(backend: str) -> dict:
+    """``{"backend": effective name, "decoder": description}``: stored in a run's checkpoints and
+    ``config.yaml``, so that evaluation can tell when it decodes with another backend than training."""
+    return {"backend": resolve_backend(backend), "decoder": decoder_description(backend)}
+
+
+def decoder_mismatch(recorded: dict | None, backend: str) -> str | None:
+    """A warning when ``backend`` resolves to another decoder than the ``recorded`` one of training."""
+    used = resolve_backend(backend)
+    if not recorded or recorded.get("backend") in (None, used):
+        return None
+    return (f"training decoded the videos with {recorded['backend']} ({recorded.get('decoder', '?')}), this run "
+            f"decodes with {used}: pixel values differ by 1-2 levels between decoders, so results can differ "
+            f"slightly; pass --set data.backend={recorded['backend']} to decode as training did")
+
+
 def open_video(path, backend: str = "auto", cache: "ProbeCache | None" = None) -> "VideoReader":
     """Open ``path`` for frame-exact random access. Use as a context manager.
 

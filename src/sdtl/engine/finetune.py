@@ -186,11 +186,13 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
 
 
 def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes, history, best, probe) -> dict:
+    from sdtl.data.video_io import decoder_record
+
     return {
         "sdtl_format": "finetune", "version": CHECKPOINT_VERSION,
         "arch": cfg.model.arch, "arch_options": model_options(cfg),
         "num_classes": len(classes), "class_names": list(classes),
-        "config": cfgmod.to_dict(cfg), "epoch": epoch,
+        "config": cfgmod.to_dict(cfg), "epoch": epoch, "decoder": decoder_record(cfg.data.backend),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": capture_rng(), "history": history, "best": best,
@@ -226,6 +228,7 @@ def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     from sdtl.data.corrupt import CorruptVideoTracker, check_failures
+    from sdtl.data.video_io import ProbeCache, decoder_mismatch, decoder_record
     from sdtl.models.checkpoints import save_checkpoint
 
     resume_path, state = start_run(cfg, out_dir, resume, info, "finetune")
@@ -247,6 +250,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         if changed and info.is_main:
             log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
                         "; ".join(changed))
+        if info.is_main and (mismatch := decoder_mismatch(state.get("decoder"), cfg.data.backend)):
+            log.warning("resuming %s: %s", resume_path, mismatch)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -263,7 +268,13 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune")
+        with open(out_dir / "config.yaml", "a") as f:  # a comment: recorded, not a setting to load
+            f.write(f"# decoder: {decoder_record(cfg.data.backend)['decoder']}\n")
     dist_utils.barrier(info)
+    probe_index = ProbeCache(out_dir / "video_index.jsonl")  # each video probed once per run, by any worker
+    for ds in (train_ds, val_ds, test_ds):
+        if ds is not None:
+            ds.probe_cache = probe_index
 
     # Forgetting probe: reference features of the encoder fine-tuning starts from.
     probe_path = out_dir / "probe.pt"
@@ -439,6 +450,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
                         allow_unsafe_pickle: bool = False) -> dict:
     """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
     from sdtl.data.corrupt import check_failures
+    from sdtl.data.video_io import decoder_mismatch
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
     out_dir = Path(out_dir)
@@ -453,6 +465,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
     try:
         configure_determinism(cfg.run.deterministic, cfg.run.threads)
         _, _, test_ds, classes = build_datasets(cfg, need_train=False)
+        if mismatch := decoder_mismatch(payload.get("decoder"), cfg.data.backend):
+            log.warning("--checkpoint %s: %s", checkpoint, mismatch)
         if list(classes) != list(payload.get("class_names", classes)):
             raise UserError(f"--checkpoint {checkpoint}: its classes differ from the test list of "
                             f"{cfg.data.root}; evaluate on the dataset it was trained on")
