@@ -244,7 +244,20 @@ def bench_dataset(name: str, root, split: int = 1, lists_dir=None, subset: str =
             "decode_transform_clips_per_s": round(measure_dataset(ds, clips), 1),
             f"loader_{workers}w_clips_per_s": round(measure_loader(ds, clips, workers, batch_size), 1),
         }
+        if b == "torchcodec":  # the probe hands some files to PyAV: say how many torchcodec really decodes
+            result["torchcodec_files"] = _count_torchcodec_files(records[:clips])
     return result
+
+
+def _count_torchcodec_files(records) -> str:
+    own = 0
+    for r in records:
+        try:
+            with open_video(r.path, "torchcodec") as reader:
+                own += reader.decoder == "torchcodec"
+        except VideoDecodeError:
+            pass
+    return f"{own} of {len(records)} files decoded by torchcodec itself, the others by PyAV's exact path"
 
 
 def run_bench(args) -> int:
@@ -257,6 +270,8 @@ def run_bench(args) -> int:
           f"clips of {res['clip_len']} frames, stride {res['stride']}")
     for b, r in res["backends"].items():
         print(f"  {b:10s} " + "  ".join(f"{k.replace('_clips_per_s', '')}: {v} clips/s" for k, v in r.items()))
+    if "torchcodec_files" in res:
+        print(f"  torchcodec: {res['torchcodec_files']}")
     for b, why in res["unavailable"].items():
         print(f"  {b:10s} unavailable: {why}")
     return 0
