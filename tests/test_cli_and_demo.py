@@ -85,32 +85,6 @@ def test_missing_config_without_resume_is_a_clear_error(tmp_path, capsys):
     assert "--config is required" in capsys.readouterr().err
 
 
-def test_demo_end_to_end_on_tiny_plan(tiny_synth, tmp_path):
-    from sdtl.demo import DemoPlan, run_demo
-
-    plan = DemoPlan(preset="tiny", seeds=2, pretrain_recipe="synthetic_tiny_pretrain",
-                    finetune_recipe="synthetic_tiny", finetune_overrides=("optim.epochs=1",), sd_weight=1.0)
-    out = tmp_path / "demo"
-    summary = run_demo(out, data_dir=str(tiny_synth), plan=plan)
-    saved = json.loads((out / "summary.json").read_text())
-    assert saved["seeds"] == [0, 1]
-    assert saved["dataset"]["preset"] == "tiny" and saved["dataset"]["classes"] == 6
-    assert 0 <= saved["pretext_train_acc"] <= 100
-    for method in ("scratch", "plain", "sd"):
-        stats = saved["methods"][method]["video_acc1"]
-        assert len(stats["values"]) == 2
-        assert stats["mean"] == pytest.approx(sum(stats["values"]) / 2)
-    # plain and sd start from the pre-trained encoder, scratch does not
-    cfg = (out / "runs" / "plain_s0" / "config.yaml").read_text()
-    assert "encoder.pt" in cfg and "pretrained: null" in (out / "runs" / "scratch_s0" / "config.yaml").read_text()
-    assert "λ=1" in (out / "summary.md").read_text() and (out / "summary.png").is_file()
-    # a second call reuses every finished run instead of training again
-    before = (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns
-    again = run_demo(out, data_dir=str(tiny_synth), plan=plan)
-    assert (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns == before
-    assert again["methods"]["sd"]["video_acc1"] == summary["methods"]["sd"]["video_acc1"]
-
-
 def test_demo_refuses_a_foreign_output_dir(tmp_path):
     from sdtl.demo import run_demo
     from sdtl.errors import UserError

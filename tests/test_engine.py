@@ -58,7 +58,9 @@ def test_finetune_writes_everything(tiny_synth, tiny_encoder, tmp_path):
     assert list(saved["per_class_acc"]) == class_ind[1::2]  # classInd order, every class reported
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]  # epoch 0: the diagnostics where fine-tuning starts
+    assert lines[0]["feat_drift"] == 0.0 and lines[0]["param_drift"] == 0.0
+    lines = lines[1:]
     for r in lines:
         for key in ("train_loss", "train_ce", "train_sd", "lr", "clips_per_s", "data_wait", "val_video_acc1",
                     "feat_drift", "feat_cka", "param_drift"):
@@ -166,7 +168,7 @@ def test_kill_and_resume_is_bit_exact(tiny_synth, tiny_encoder, tmp_path):
         for key in reference:
             assert torch.equal(resumed[key], reference[key]), f"{name}: {key} differs after resume"
         history = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert history == [1, 2, 3]
+        assert history == [0, 1, 2, 3]
 
 
 def _free_port() -> int:
@@ -186,9 +188,9 @@ def test_ddp_two_gloo_processes(tiny_synth, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["num_test_videos"] == 36  # every test video counted exactly once across 2 ranks
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
-    assert all(r["world_size"] == 2 for r in records)
-    assert records[0]["steps"] == 24 // 2 // 2  # 24 videos sharded over 2 ranks, batch 2 per rank
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all(r["world_size"] == 2 for r in records[1:])
+    assert records[1]["steps"] == 24 // 2 // 2  # 24 videos sharded over 2 ranks, batch 2 per rank
     assert (out / "checkpoints" / "last.pt").exists()
 
 

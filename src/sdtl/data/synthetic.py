@@ -64,6 +64,7 @@ Called by the ``sdtl synth`` subcommand (:func:`register`), by ``sdtl demo`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ import numpy as np
 
 from sdtl.errors import UserError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: preset small = tempo classes, 6+8 groups of 4 clips
 
 # One thread and no macroblock-tree: the only x264 settings under which repeated encodes of the same
 # frames were byte-identical on this project's machines (see the module docstring).
@@ -95,6 +96,17 @@ CLASS_MOTIONS: dict[str, str] = {
     "Swing": "oscillates back and forth along a random direction (amplitude 6-10 px, period 16-28 frames)",
     "Pulse": "stays in place and periodically grows and shrinks (x1.35-x1.65, period 10-20 frames)",
 }
+
+# Tempo classes (preset ``small``, the demo): the actors move by the same random mixtures of motion
+# primitives as in the unlabelled pool, played k times faster than their natural tempo. What a
+# video's objects do, how they look and the scene are nuisance; only "how fast, relative to how such
+# things normally move" is the class. That is the knowledge playback-speed pre-training learns (as
+# UCF101's actions reuse what Kinetics pre-training learnt), at steps of x2 that fall *between* the
+# pretext's strides 1/2/4/8, so the pretext head alone cannot label them.
+TEMPO_CLASSES: dict[str, float] = {"Crawl": 0.35, "Slow": 0.7, "Brisk": 1.4, "Fast": 2.8, "Rush": 5.6}
+CLASS_MOTIONS.update({
+    name: f"1-2 actors moving by the pool's motion primitives at {k:g}x their natural tempo "
+          f"(scene and distractors at natural tempo)" for name, k in TEMPO_CLASSES.items()})
 
 
 @dataclass(frozen=True)
@@ -123,14 +135,18 @@ class SyntheticPreset:
 
 
 _TINY_CLASSES = ("DriftSlow", "DriftFast", "SpinSlow", "SpinFast", "Shake", "Bounce")
-_SMALL_CLASSES = _TINY_CLASSES + ("SpeedUp", "SlowDown", "Swing", "Pulse")
 
 PRESETS: dict[str, SyntheticPreset] = {
     # Tests and CI: a few seconds.
     "tiny": SyntheticPreset("tiny", _TINY_CLASSES, train_groups=3, test_groups=3, clips_per_group=2,
                             pool_size=48, frames=32, pool_frames=128),
     # The demo default.
-    "small": SyntheticPreset("small", _SMALL_CLASSES, train_groups=4, test_groups=4, clips_per_group=3,
+    # The demo default: 5 tempo classes. 24 labelled training videos per class (6 groups; `sdtl demo`
+    # holds 2 groups out for validation, leaving 16 to train on) and 32 test videos per class (8
+    # unseen groups): 40 validation and 160 test videos, so model selection is not a coin flip (an
+    # earlier 30-video validation swung 10-27% between epochs). training videos per class (6 groups; `sdtl demo` holds 2 groups
+    # out for validation, leaving 12 to train on) and 24 test videos per class (8 unseen groups): a
+    "small": SyntheticPreset("small", tuple(TEMPO_CLASSES), train_groups=6, test_groups=8, clips_per_group=4,
                              pool_size=600, frames=32, pool_frames=128),
 }
 
@@ -394,10 +410,46 @@ def render_labelled(preset: SyntheticPreset, seed: int, class_index: int, group:
     rng = np.random.default_rng([seed, _KIND_CLIP, class_index, group, clip])
     canvas = _background(rng, t, xs, unit)
     _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 3)))
+    tempo = TEMPO_CLASSES.get(preset.classes[class_index])
+    if tempo is not None:
+        for i in range(int(rng.integers(1, 3))):
+            track = _natural_actor(rng, t * tempo, canvas, size, unit)
+            if i == 0:  # the group's "actor"
+                track.shape, track.radius = look["shape"], look["radius"] * unit
+            _draw(canvas, track, xs)
+        return _finish(rng, canvas)
     cx, cy, angle, scale = _class_pose(preset.classes[class_index], rng, t, size, unit)
     colour = _contrasting_colour(rng, canvas)
     _draw(canvas, _Track(look["shape"], colour, look["radius"] * unit, cx, cy, angle, scale), xs)
     return _finish(rng, canvas)
+
+
+def _natural_actor(rng: np.random.Generator, t: np.ndarray, canvas: np.ndarray, size: int, unit: float) -> _Track:
+    """One actor moving by a random mixture of motion primitives, each at its natural tempo.
+
+    ``t`` is the actor's own clock in frames: ``t = frame * k`` plays the same motion ``k`` times
+    faster (what the tempo classes of the ``small`` preset are made of).
+    """
+    lo, hi = 0.2 * size, 0.8 * size
+    x0, y0 = rng.uniform(lo, hi, size=2)
+    cx, cy = x0 + 0 * t, y0 + 0 * t
+    path = rng.choice(["drift", "drift", "ramp", "bounce", "swing", "still"])
+    if path == "drift":
+        cx, cy = _drift(rng, t, x0, y0, _log_uniform(rng, 0.6, 1.0) * unit, lo, hi)
+    elif path == "ramp":  # pool videos are long: speed up (or slow down) every 64 frames
+        cx, cy = _ramp(rng, t % 64, x0, y0, _log_uniform(rng, 1.2, 1.8) * unit, lo, hi, rng.random() < 0.5)
+    elif path == "bounce":
+        cx, cy = _bounce(rng, t, x0, y0, rng.uniform(12, 20) * unit, rng.uniform(20, 28), lo, hi, unit)
+    elif path == "swing":
+        cx, cy = _swing(rng, t, x0, y0, rng.uniform(6, 10) * unit, rng.uniform(24, 36))
+    angle = rng.uniform(0, 2 * np.pi) + 0 * t
+    if path == "still" or rng.random() < 0.4:
+        angle = _spin(rng, t, _log_uniform(rng, 4, 7))
+    scale = np.ones_like(t)
+    if path == "still" or rng.random() < 0.3:
+        scale = _pulse(rng, t, rng.uniform(0.3, 0.5), rng.uniform(20, 32))
+    return _Track(str(rng.choice(_SHAPES)), _contrasting_colour(rng, canvas), rng.uniform(6.0, 10.0) * unit,
+                  cx, cy, angle, scale)
 
 
 def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
@@ -416,28 +468,8 @@ def render_pool(preset: SyntheticPreset, seed: int, index: int) -> np.ndarray:
     xs = np.arange(size, dtype=np.float32) + np.float32(0.5)
     canvas = _background(rng, t, xs, unit)
     _distractors(rng, canvas, t, xs, size, unit, int(rng.integers(0, 3)))
-    lo, hi = 0.2 * size, 0.8 * size
     for _actor in range(int(rng.integers(1, 4))):
-        x0, y0 = rng.uniform(lo, hi, size=2)
-        cx, cy = x0 + 0 * t, y0 + 0 * t
-        path = rng.choice(["drift", "drift", "ramp", "bounce", "swing", "still"])
-        if path == "drift":
-            cx, cy = _drift(rng, t, x0, y0, _log_uniform(rng, 0.6, 1.0) * unit, lo, hi)
-        elif path == "ramp":  # pool videos are long: speed up (or slow down) every 64 frames
-            cx, cy = _ramp(rng, t % 64, x0, y0, _log_uniform(rng, 1.2, 1.8) * unit, lo, hi, rng.random() < 0.5)
-        elif path == "bounce":
-            cx, cy = _bounce(rng, t, x0, y0, rng.uniform(12, 20) * unit, rng.uniform(20, 28), lo, hi, unit)
-        elif path == "swing":
-            cx, cy = _swing(rng, t, x0, y0, rng.uniform(6, 10) * unit, rng.uniform(24, 36))
-        angle = rng.uniform(0, 2 * np.pi) + 0 * t
-        if path == "still" or rng.random() < 0.4:
-            angle = _spin(rng, t, _log_uniform(rng, 4, 7))
-        scale = np.ones_like(t)
-        if path == "still" or rng.random() < 0.3:
-            scale = _pulse(rng, t, rng.uniform(0.3, 0.5), rng.uniform(20, 32))
-        track = _Track(str(rng.choice(_SHAPES)), _contrasting_colour(rng, canvas),
-                       rng.uniform(6.0, 10.0) * unit, cx, cy, angle, scale)
-        _draw(canvas, track, xs)
+        _draw(canvas, _natural_actor(rng, t, canvas, size, unit), xs)
     return _finish(rng, canvas)
 
 
@@ -464,15 +496,21 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: bool = False,
-                       progress=None) -> Path:
+                       progress=None, pool_size: int | None = None) -> Path:
     """Render and encode the dataset of ``preset`` into ``out_dir``; returns ``out_dir``.
 
     Refuses a non-empty ``out_dir`` unless ``force`` (then it is replaced only once the new data is
     complete). ``progress``, if given, is called as ``progress(done, total)`` after every video.
+    ``pool_size`` renders only the first videos of the unlabelled pool (each is identical to the same
+    video of the full pool): ``sdtl demo --quick`` needs a few for its retention probe, not 600.
     """
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
+    if pool_size is not None:
+        if not 0 <= pool_size <= spec.pool_size:
+            raise UserError(f"--pool-size {pool_size}: must be between 0 and {spec.pool_size} for preset {preset}")
+        spec = dataclasses.replace(spec, pool_size=int(pool_size))
     seed = int(seed)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
@@ -550,6 +588,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output directory (must be empty or absent)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="dataset size (default: small)")
     parser.add_argument("--seed", default=0, type=int, help="generation seed (default: 0)")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="render only the first N unlabelled pool videos (default: the preset's full pool)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=run)
     return parser
@@ -558,8 +598,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     spec = PRESETS.get(args.preset)
     started = time.perf_counter()
-    out = generate_synthetic(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    out = generate_synthetic(args.out, preset=args.preset, seed=args.seed, force=args.force,
+                             pool_size=args.pool_size)
     print(f"sdtl synth: wrote preset {args.preset!r} (seed {args.seed}) to {out}: "
           f"{len(spec.classes)} classes, {spec.train_per_class}+{spec.test_per_class} train+test videos per "
-          f"class, {spec.pool_size} unlabelled, in {time.perf_counter() - started:.1f} s")
+          f"class, {spec.pool_size if args.pool_size is None else args.pool_size} unlabelled, in {time.perf_counter() - started:.1f} s")
     return 0

@@ -121,41 +121,25 @@ def resolve_backend(backend: str = "auto") -> str:
     raise UserError(f"backend {backend!r}: unknown video backend; use auto, pyav or torchcodec")
 
 
-def decoder_description(backend: str) -> str:
-    """What a backend name decodes with here, for run records (``config.yaml``, checkpoints).
-
-    The two backends differ by 1-2 pixel levels (different FFmpeg builds and RGB conversion), so a
-    model evaluated with another decoder than it was trained with sees slightly different inputs.
-    """
+def decoder_identity(backend: str = "auto") -> str:
+    """What decodes the videos, with versions, e.g. ``pyav 18.1.0 (FFmpeg 8.1.2 bundled)``: recorded in a
+    run's ``config.yaml``, its checkpoints and results, because the backends (and FFmpeg builds) differ
+    by 1-2 pixel levels and a model should be evaluated with the decoder it was trained with. The first
+    word is the backend's name."""
     name = resolve_backend(backend)
-    pyav = f"PyAV {av.__version__} (bundled FFmpeg)"
-    if name == "pyav":
-        return f"pyav: {pyav}"
-    try:
+    if name == "torchcodec":
         import torchcodec
-        from torchcodec._core import get_ffmpeg_library_versions
 
-        ffmpeg = get_ffmpeg_library_versions().get("ffmpeg_version", "?")
-        version = torchcodec.__version__
-    except Exception:  # private API: the record only loses its version numbers
-        ffmpeg = version = "?"
-    return f"torchcodec: torchcodec {version} (system FFmpeg {ffmpeg}); files it cannot seek exactly: {pyav}"
+        try:  # private, so the identity only loses the FFmpeg version if it moves
+            from torchcodec._core import get_ffmpeg_library_versions
 
-
-def decoder_record(backend: str) -> dict:
-    """``{"backend": effective name, "decoder": description}``: stored in a run's checkpoints and
-    ``config.yaml``, so that evaluation can tell when it decodes with another backend than training."""
-    return {"backend": resolve_backend(backend), "decoder": decoder_description(backend)}
-
-
-def decoder_mismatch(recorded: dict | None, backend: str) -> str | None:
-    """A warning when ``backend`` resolves to another decoder than the ``recorded`` one of training."""
-    used = resolve_backend(backend)
-    if not recorded or recorded.get("backend") in (None, used):
-        return None
-    return (f"training decoded the videos with {recorded['backend']} ({recorded.get('decoder', '?')}), this run "
-            f"decodes with {used}: pixel values differ by 1-2 levels between decoders, so results can differ "
-            f"slightly; pass --set data.backend={recorded['backend']} to decode as training did")
+            ffmpeg = get_ffmpeg_library_versions().get("ffmpeg_version", "?")
+        except Exception:
+            ffmpeg = "?"
+        return (f"torchcodec {getattr(torchcodec, '__version__', '?')} (system FFmpeg {ffmpeg}; files it cannot "
+                f"seek exactly: pyav {av.__version__})")
+    ffmpeg = getattr(av, "ffmpeg_version_info", None) or ".".join(map(str, av.library_versions.get("libavcodec", ())))
+    return f"pyav {av.__version__} (FFmpeg {ffmpeg} bundled)"
 
 
 def open_video(path, backend: str = "auto", cache: "ProbeCache | None" = None) -> "VideoReader":

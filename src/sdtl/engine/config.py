@@ -95,6 +95,7 @@ class EvalConfig:
     every: int = 1  # validate every N epochs (and always at the last)
     skip_corrupt: bool = False  # test: skip undecodable videos instead of refusing
     probe_videos: int = 32  # fixed probe clips for the forgetting diagnostics
+    retention: str | None = None  # retention_probe.pt of the pre-training: frozen pretext head's accuracy per epoch
     batch_size: int = 0  # 0 = same as data.batch_size
 
 
@@ -245,6 +246,7 @@ def _merge(base: dict, override: dict) -> dict:
 def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str = "finetune"):
     """Read a recipe or YAML file, apply ``--set`` overrides and validate everything."""
     raw, source = _read_yaml(name_or_path)
+    raw.pop("decoder", None)  # informational line of a run's config.yaml (which decoder it used)
     file_kind = raw.pop("kind", kind)
     if file_kind != kind:
         raise UserError(f"--config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
@@ -256,6 +258,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str
 def config_from_dict(data: dict, kind: str = "finetune"):
     data = dict(data)
     data.pop("kind", None)
+    data.pop("decoder", None)
     return from_dict(KINDS[kind], data, where="")
 
 
@@ -263,8 +266,9 @@ def to_dict(cfg) -> dict:
     return asdict(cfg)
 
 
-def dump_config(cfg, path: Path, kind: str) -> None:
-    text = yaml.safe_dump({"kind": kind, **to_dict(cfg)}, sort_keys=False)
+def dump_config(cfg, path: Path, kind: str, decoder: str | None = None) -> None:
+    head = {"kind": kind, **({"decoder": decoder} if decoder else {})}
+    text = yaml.safe_dump({**head, **to_dict(cfg)}, sort_keys=False)
     path.write_text(text)
 
 

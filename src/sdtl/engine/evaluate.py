@@ -50,7 +50,10 @@ def make_eval_loader(dataset, clips_per_forward: int, info: DistInfo, workers: i
     videos_per_batch = max(1, clips_per_forward // clips_per_video)
     return torch.utils.data.DataLoader(
         dataset, batch_size=videos_per_batch, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-        num_workers=workers, collate_fn=collate_clips, pin_memory=info.device.type == "cuda")
+        num_workers=workers, collate_fn=collate_clips, pin_memory=info.device.type == "cuda",
+        # Evaluation items do not depend on the epoch, so the workers can live across validations
+        # (re-spawning them every epoch cost more than validating a small set).
+        persistent_workers=workers > 0)
 
 
 @torch.no_grad()

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtl.data.video_io import decoder_identity
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
-from sdtl.engine.diagnostics import ForgettingProbe
+from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
 from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
@@ -186,19 +187,18 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
 
 
 def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes, history, best, probe) -> dict:
-    from sdtl.data.video_io import decoder_record
-
     return {
         "sdtl_format": "finetune", "version": CHECKPOINT_VERSION,
         "arch": cfg.model.arch, "arch_options": model_options(cfg),
         "num_classes": len(classes), "class_names": list(classes),
-        "config": cfgmod.to_dict(cfg), "epoch": epoch, "decoder": decoder_record(cfg.data.backend),
+        "config": cfgmod.to_dict(cfg), "epoch": epoch,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": capture_rng(), "history": history, "best": best,
         # The teacher of the next epoch is a snapshot of "model"; nothing else to store.
         "teacher": {"source": "model", "weight": cfg.regularizer.weight},
         "probe_prev_features": None if probe is None else probe.prev_features,
+        "decoder": decoder_identity(cfg.data.backend),
     }
 
 
@@ -228,7 +228,7 @@ def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     from sdtl.data.corrupt import CorruptVideoTracker, check_failures
-    from sdtl.data.video_io import ProbeCache, decoder_mismatch, decoder_record
+    from sdtl.data.video_io import ProbeCache
     from sdtl.models.checkpoints import save_checkpoint
 
     resume_path, state = start_run(cfg, out_dir, resume, info, "finetune")
@@ -250,8 +250,11 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         if changed and info.is_main:
             log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
                         "; ".join(changed))
-        if info.is_main and (mismatch := decoder_mismatch(state.get("decoder"), cfg.data.backend)):
-            log.warning("resuming %s: %s", resume_path, mismatch)
+        trained_with = state.get("decoder")
+        if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
+            log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "
+                        "to match, pass --set data.backend=%s", resume_path, trained_with,
+                        decoder_identity(cfg.data.backend), trained_with.split()[0])
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -267,27 +270,28 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune")
-        with open(out_dir / "config.yaml", "a") as f:  # a comment: recorded, not a setting to load
-            f.write(f"# decoder: {decoder_record(cfg.data.backend)['decoder']}\n")
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend))
     dist_utils.barrier(info)
     probe_index = ProbeCache(out_dir / "video_index.jsonl")  # each video probed once per run, by any worker
     for ds in (train_ds, val_ds, test_ds):
         if ds is not None:
             ds.probe_cache = probe_index
 
-    # Forgetting probe: reference features of the encoder fine-tuning starts from.
+    # Forgetting probe: reference features of the encoder fine-tuning starts from (+ retention probe).
     probe_path = out_dir / "probe.pt"
     probe = None
-    if cfg.eval.probe_videos > 0:
+    retention = RetentionProbe.load(cfg.eval.retention) if cfg.eval.retention else None
+    initial = None
+    if cfg.eval.probe_videos > 0 or retention is not None:
         if state is not None and probe_path.exists():
-            probe = ForgettingProbe.load(probe_path, state.get("probe_prev_features"))
+            probe = ForgettingProbe.load(probe_path, state.get("probe_prev_features"), retention)
         elif state is None:
-            clips = _probe_clips(cfg, train_ds, classes)
-            if len(clips):
-                probe = ForgettingProbe.build(model.encoder, clips, info.device)
-                if info.is_main:
-                    probe.save(probe_path)
+            clips = _probe_clips(cfg, train_ds, classes) if cfg.eval.probe_videos > 0 else torch.empty(0)
+            probe = ForgettingProbe.build(model.encoder, clips, info.device, retention)
+            if info.is_main:
+                probe.save(probe_path)
+            # Epoch 0: where fine-tuning starts (drift 0; retention = the pre-trained skill).
+            initial = {"epoch": 0, **probe.measure(model.encoder, info.device, advance=False)}
 
     sd = None
     if cfg.regularizer.weight > 0:
@@ -304,6 +308,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,
                                   max_fraction=cfg.data.max_corrupt_fraction)
     run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, history)
+    if initial is not None:
+        run_log.log_epoch(initial)
     if info.is_main:
         _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info)
 
@@ -348,7 +354,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
 
     if state is not None and start_epoch > cfg.optim.epochs and info.is_main:
         log.info("training already finished at epoch %d; running the final test only", state["epoch"])
-    results = final_test(cfg, model, test_ds, classes, out_dir, info, best)
+    counts = {"num_train_videos": len(train_ds), "num_val_videos": len(val_ds) if val_ds is not None else 0}
+    results = final_test(cfg, model, test_ds, classes, out_dir, info, best, counts)
     if info.is_main and results is not None:
         check_failures(results.pop("_failed"), skip=cfg.eval.skip_corrupt)
     return results if info.is_main else None
@@ -360,7 +367,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict) -> dict | None:
+def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict, counts: dict | None = None) -> dict | None:
     """Test the selected and the last checkpoint; write results.json and confusion.png."""
     from sdtl.models.checkpoints import safe_load
 
@@ -373,6 +380,10 @@ def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict) ->
         if not path.exists():
             continue
         state = safe_load(path)
+        if tag == "last" and "selected" in outputs and outputs["selected"][1] == state["epoch"]:
+            # The selected checkpoint is the last one: same weights, same test; don't run it twice.
+            outputs[tag] = (outputs["selected"][0], state["epoch"], path, 0.0)
+            continue
         model.load_state_dict(state["model"])
         t0 = time.perf_counter()
         outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype), state["epoch"], path,
@@ -381,7 +392,7 @@ def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict) ->
         outputs["selected"] = outputs["last"]
     if not info.is_main:
         return None
-    return write_results(out_dir, cfg, classes, outputs, best, test_ds)
+    return write_results(out_dir, cfg, classes, outputs, best, test_ds, counts)
 
 
 def protocol(cfg, split_name: str, checkpoint: str, epoch: int, selected_by: str) -> dict:
@@ -391,12 +402,13 @@ def protocol(cfg, split_name: str, checkpoint: str, epoch: int, selected_by: str
         "crop": "centre square (side = min(H, W)) resized to %d" % cfg.data.size
         if cfg.eval.crops == 1 else "3 square crops along the long side, resized to %d" % cfg.data.size,
         "clip": f"{cfg.data.clip_len} frames, stride {cfg.data.stride}",
+        "decoder": decoder_identity(cfg.data.backend),
         "aggregation": "mean of raw logits over all clips of a video",
         "checkpoint": checkpoint, "epoch": epoch, "selected_by": selected_by,
     }
 
 
-def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_ds) -> dict:
+def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_ds, counts: dict | None = None) -> dict:
     sel, sel_epoch, sel_path, sel_time = outputs["selected"]
     last, last_epoch, last_path, _ = outputs["last"]
     rel = (lambda p: str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p))
@@ -407,7 +419,7 @@ def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_d
         **metrics,
         "protocol": protocol(cfg, "test", rel(sel_path), sel_epoch, selected_by),
         "per_class_acc": dict(zip(classes, sel.metrics["per_class_acc"])),
-        "num_test_videos": sel.num_videos, "num_test_clips": sel.num_clips,
+        "num_test_videos": sel.num_videos, "num_test_clips": sel.num_clips, **(counts or {}),
         "skipped_corrupt": len(sel.failed), "eval_time_s": sel_time,
         "selected": {"checkpoint": rel(sel_path), "epoch": sel_epoch, **metrics},
         "last": {"checkpoint": rel(last_path), "epoch": last_epoch,
@@ -450,7 +462,6 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
                         allow_unsafe_pickle: bool = False) -> dict:
     """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
     from sdtl.data.corrupt import check_failures
-    from sdtl.data.video_io import decoder_mismatch
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
     out_dir = Path(out_dir)
@@ -465,11 +476,14 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: 
     try:
         configure_determinism(cfg.run.deterministic, cfg.run.threads)
         _, _, test_ds, classes = build_datasets(cfg, need_train=False)
-        if mismatch := decoder_mismatch(payload.get("decoder"), cfg.data.backend):
-            log.warning("--checkpoint %s: %s", checkpoint, mismatch)
         if list(classes) != list(payload.get("class_names", classes)):
             raise UserError(f"--checkpoint {checkpoint}: its classes differ from the test list of "
                             f"{cfg.data.root}; evaluate on the dataset it was trained on")
+        trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
+        if trained_with and trained_with != evaluating_with and info.is_main:
+            log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
+                        "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
+                        trained_with, evaluating_with, trained_with.split()[0])
         model.to(info.device)
         eval_bs = cfg.eval.batch_size or cfg.data.batch_size
         loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)

@@ -237,7 +237,21 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         return None
     encoder_path = ckpt_dir / "encoder.pt"
     save_checkpoint(_payload(cfg, model, cfg.optim.epochs, history=run_log.history), encoder_path)
+    write_retention_probe(encoder_path, paths, cfg, out_dir / "retention_probe.pt")
     return encoder_path
+
+
+def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Path) -> Path:
+    """Pretext clips of the pre-training videos + the frozen pretext head, for fine-tuning's
+    ``eval.retention`` (how much of the pretext skill survives fine-tuning)."""
+    from sdtl.engine.diagnostics import make_retention_probe
+
+    probe = make_retention_probe(encoder_path, videos, cfg.data.size, cfg.data.backend, tuple(cfg.data.crop_area),
+                                 seed=cfg.run.seed)
+    probe.save(path)
+    log.info("retention probe (%d pretext clips, frozen pretext head) -> %s; fine-tune with "
+             "--set eval.retention=%s", len(probe.clips), path, path)
+    return path
 
 
 def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None, scheduler=None) -> dict:
