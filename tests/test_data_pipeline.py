@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -196,6 +197,42 @@ def test_same_batches_whatever_the_number_of_workers(tree):
         return torch.cat([b["video"] for b in loader])
 
     assert torch.equal(run(0), run(2))
+
+
+def test_workers_share_what_the_probe_learned(tree, tmp_path):
+    """Non-persistent DataLoader workers start empty every epoch: the run's index file is what spares
+    them probing every video again -- and decoding MPEG-PS files whole to count their frames."""
+    import json
+
+    import av
+
+    good, _ = tree
+    mpg = tmp_path / "program_stream.mpg"
+    with av.open(str(mpg), "w", format="vob") as c:
+        s = c.add_stream("mpeg2video", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        for f in numbered_frames(24, 32, 48):
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    records = good + [VideoRecord(mpg, 1, mpg.name)]
+    index = tmp_path / "run" / "video_index.jsonl"
+    index.parent.mkdir()
+    ds = VideoClipDataset(records, ["a", "b"], "train", clip_len=8, size=16, backend="pyav", probe_index=index)
+
+    def epoch(e):
+        ds.set_epoch(e)
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_clips)
+        return sum(len(b["label"]) for b in loader)
+
+    assert epoch(1) == len(records)
+    entries = [json.loads(line) for line in index.read_text().splitlines()]
+    assert {e["path"] for e in entries} == {os.path.abspath(r.path) for r in records}
+    assert len(entries) == len(records) + 1  # + the frame count of the MPEG-PS file, learned by decoding
+    assert [e["frames"] for e in entries if e["path"] == os.path.abspath(mpg)] == [None, 24]
+    assert epoch(2) == len(records)
+    assert len(index.read_text().splitlines()) == len(entries)  # nothing probed again
 
 
 def test_skip_corrupt_false_raises(tree):

@@ -173,6 +173,22 @@ def test_folder_dataset(tmp_path):
     assert [(r.name, r.label) for r in test] == [("b_cls/y.avi", 1)]
 
 
+def test_folder_dataset_refuses_class_folders_without_videos(tmp_path):
+    """`sdtl synth` output read as `folder` gave the classes lists, unlabelled and videos (issue 10, 13)."""
+    _touch(tmp_path, "videos/Up/v_Up_g01_c01.avi", "lists/classInd.txt", "unlabelled/pool_00000.avi", "meta.json")
+    with pytest.raises(UserError) as err:
+        list_records("folder", tmp_path, 1, "train")
+    msg = str(err.value)
+    assert "2 of 3 class folders hold no videos: lists/, videos/" in msg and "unlabelled/" not in msg
+    assert "dataset synthetic" in msg  # it recognises `sdtl synth` output
+    _touch(tmp_path / "plain", "cat/a.mp4", "dog/b.mp4", "empty_class/readme.txt", ".git/config")
+    with pytest.raises(UserError, match=r"1 of 3 class folders hold no videos: empty_class/; point the "):
+        list_records("folder", tmp_path / "plain", 1, "train")
+    _touch(tmp_path, "split/train/cat/a.mp4", "split/train/dog/.keep", "split/test/cat/c.mp4")
+    with pytest.raises(UserError, match=r"train: 1 of 2 class folders hold no videos: dog/"):
+        list_records("folder", tmp_path / "split", 1, "train")
+
+
 def test_folder_dataset_train_test_subfolders(tmp_path):
     _touch(tmp_path, "train/cat/a.mp4", "train/dog/b.mp4", "test/dog/c.mp4")
     test, classes = list_records("folder", tmp_path, 1, "test")

@@ -1,6 +1,8 @@
 """Frame-exact decoding on small videos written here, both backends, and undecodable files."""
 from __future__ import annotations
 
+import dataclasses
+
 import av
 import numpy as np
 import pytest
@@ -22,6 +24,14 @@ VIDEOS = {
     "mpeg4_b.avi": (dict(codec="mpeg4", gop=12, bframes=2), False),
     "mpeg2.mpg": (dict(codec="mpeg2video", gop=12, bframes=2), False),  # MPEG program stream
     "raw.h264": (dict(codec="libx264", gop=12), False),  # elementary stream: no timestamps at all
+    # Files whose packet timestamps are decode times, not presentation times: torchcodec returned
+    # neighbouring frames on them without an error (issue 10, item 1).
+    "h264_ptsdts.mp4": (dict(codec="libx264", gop=12, bframes=2), False),  # like opencv's box.mp4
+    "h264_ptsdts.mkv": (dict(codec="libx264", gop=12, bframes=2), False),
+    "mpeg4_b_remux.mkv": (dict(codec="mpeg4", gop=12, bframes=2), False),  # XviD AVI stream-copied
+    "mpeg4_b_remux.mp4": (dict(codec="mpeg4", gop=12, bframes=2), False),
+    # The same AVI stream-copied by a muxer that rebuilds presentation times: real pts, seekable.
+    "mpeg4_b_genpts.mkv": (dict(codec="mpeg4", gop=12, bframes=2), True),
 }
 
 
@@ -40,6 +50,52 @@ def _write_vfr(path, frames):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+
+
+def _write_pts_eq_dts(path, frames, bframes=2):
+    """H.264 with B-frames whose packets carry pts == dts (decode times), 32-34 ms apart."""
+    import fractions
+
+    ms = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.gop_size, s.codec_context.max_b_frames = 12, bframes
+        s.codec_context.time_base = s.time_base = ms
+        n = 0
+
+        def mux(packets):
+            nonlocal n
+            for p in packets:
+                p.pts = p.dts = n * 33 + (n % 3 == 1) - (n % 3 == 2)
+                p.time_base = ms
+                c.mux(p)
+                n += 1
+
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = i * 33, ms
+            mux(s.encode(vf))
+        mux(s.encode())
+
+
+def _remux(src, dst, avi_times: bool):
+    """Stream-copy (no re-encoding) the video of ``src`` into ``dst``. With ``avi_times`` every packet
+    is stamped with its AVI position (AVI stores decode order only), as remuxers without a parser do;
+    without, the demuxer's reconstructed presentation times are kept."""
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        ins = i.streams.video[0]
+        outs = o.add_stream_from_template(ins)
+        k = 0
+        for p in i.demux(ins):
+            if p.size == 0:
+                continue
+            if avi_times:
+                p.pts = p.dts = k
+                p.time_base = ins.time_base
+            p.stream = outs
+            o.mux(p)
+            k += 1
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +117,11 @@ def videos(tmp_path_factory):
                         c.mux(p)
                 for p in s.encode():
                     c.mux(p)
+        elif name.startswith("h264_ptsdts"):
+            _write_pts_eq_dts(path, frames)
+        elif "_remux" in name or "_genpts" in name:
+            avi = write_video(root / f"{name}.src.avi", frames, **kw)
+            _remux(avi, path, avi_times="_remux" in name)
         elif name == "raw.h264":
             with av.open(str(path), "w", format="h264") as c:
                 s = c.add_stream("libx264", rate=25)
@@ -94,11 +155,11 @@ def test_clips_equal_sequential_decode(videos, name, backend):
     assert len(truth) == T
     # the content really is frame t at position t (so comparing positions compares frames)
     assert [read_number(f) for f in truth] == list(range(T))
-    with open_video(videos[name], backend) as r:
+    with open_video(videos[name], backend, video_io.ProbeCache()) as r:  # nothing learned before
         assert r.num_frames == T
         assert (r.sequential is None) == VIDEOS[name][1], r.sequential
         for idx in ([0, 1, 2, 3], [25, 26, 27, 28, 29, 30], [47, 48, 49], [T - 1], [13, 50, 13, 2, 2],
-                    list(range(T - 16, T)), [30, 5, 40]):
+                    list(range(T - 16, T)), [30, 5, 40], list(range(10, 42, 2)), list(range(3, T, 8))):
             got = r.get_frames(idx)
             assert got.dtype == torch.uint8 and tuple(got.shape) == (len(idx), 64, 96, 3)
             np.testing.assert_array_equal(got.numpy(), truth[idx], err_msg=f"{name} {backend} {idx}")
@@ -120,15 +181,17 @@ def test_seek_path_is_used_and_checked(videos, monkeypatch):
         r.get_frames([50, 51])
         assert r.sequential is None
     # a corrupted index (frame 1 of the index points at frame 2's timestamp) is caught by the pts check
-    with open_video(videos["h264.mp4"], "pyav") as r:
-        r._index.pts[30] += 1
+    with open_video(videos["h264.mp4"], "pyav", video_io.ProbeCache()) as r:
+        pts = list(r._probe.pts)
+        pts[30] += 1
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
         np.testing.assert_array_equal(r.get_frames([31, 32]).numpy(), sequential_decode(videos["h264.mp4"])[[31, 32]])
         assert r.sequential is not None and "seek check failed" in r.sequential
 
 
 def test_probe_and_sequential_reason(videos):
     for name, (_, seekable) in VIDEOS.items():
-        assert (sequential_reason(videos[name]) is None) == seekable, name
+        assert (sequential_reason(videos[name], video_io.ProbeCache()) is None) == seekable, name
         probe = probe_video(videos[name])
         assert probe.num_frames == T and (probe.width, probe.height) == (96, 64)
         assert (probe.sequential is None) == seekable
@@ -193,16 +256,142 @@ def test_readers_close_containers(videos):
 
 def test_resolve_backend():
     assert video_io.resolve_backend("pyav") == "pyav"
-    assert video_io.resolve_backend("auto") == "pyav"  # by measurement; see resolve_backend
+    assert video_io.resolve_backend("auto") == video_io.AUTO_BACKEND
     from sdtl.errors import UserError
 
     with pytest.raises(UserError, match="unknown video backend"):
         video_io.resolve_backend("decord")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["h264_ptsdts.mp4", "h264_ptsdts.mkv", "mpeg4_b_remux.mkv", "mpeg4_b_remux.mp4",
+                                  "mpeg2.mpg", "h264.mp4"])
+def test_every_single_frame_with_a_new_reader(videos, name, backend):
+    """What a DataLoader does: a new reader per clip. Every frame must be the one asked for."""
+    wrong = []
+    for i in range(T):
+        with open_video(videos[name], backend) as r:
+            got = read_number(r.get_frames([i])[0].numpy())
+        if got != i:
+            wrong.append((i, got))
+    assert not wrong, f"{name} {backend}: (asked, got) {wrong}"
+
+
+UNTRUSTED = [name for name, (_, seekable) in VIDEOS.items() if not seekable]
+
+
+@pytest.mark.skipif("torchcodec" not in video_io.available_backends(), reason="torchcodec not usable here")
+@pytest.mark.parametrize("name", UNTRUSTED)
+def test_torchcodec_never_seeks_a_file_the_probe_distrusts(videos, name):
+    with open_video(videos[name], "torchcodec", video_io.ProbeCache()) as r:
+        assert r.decoder == "pyav" and r.sequential is not None
+        assert [read_number(f) for f in r.get_frames([7, 9, 11])] == [7, 9, 11]
+
+
+@pytest.mark.skipif("torchcodec" not in video_io.available_backends(), reason="torchcodec not usable here")
+def test_torchcodec_frames_are_checked_against_the_probe(videos):
+    """torchcodec indexes the file with its own FFmpeg; when the timestamp of a frame it returns is not
+    the probe's for that index (here: one index entry moved by a tick, as another FFmpeg may label it),
+    the file goes to PyAV's exact path, and the next reader knows it without asking torchcodec."""
+    cache = video_io.ProbeCache()
+    with open_video(videos["h264.mp4"], "torchcodec", cache) as r:
+        assert r.decoder == "torchcodec"
+        assert [read_number(f) for f in r.get_frames([20, 21])] == [20, 21]
+        pts = list(r._probe.pts)
+        pts[30] += 1
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
+        assert [read_number(f) for f in r.get_frames([29, 30, 31])] == [29, 30, 31]
+        assert r.decoder == "pyav"
+    with open_video(videos["h264.mp4"], "torchcodec", cache) as again:
+        assert again.decoder == "pyav" and "torchcodec returned pts" in again._probe.torchcodec
+
+
+def _count_calls(monkeypatch, name) -> list:
+    """Count calls of a video_io function; the real function still runs."""
+    calls = []
+    real = getattr(video_io, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video_io, name, counted)
+    return calls
+
+
+def test_each_file_is_probed_once_per_run(videos, tmp_path, monkeypatch):
+    """Two workers of a run (two caches on one index file): the second neither probes nor counts
+    frames by decoding, and does not repeat a seek that failed for the first (issue 10, item 12)."""
+    probes = _count_calls(monkeypatch, "_probe_file")
+    counts = _count_calls(monkeypatch, "_count_frames_by_decoding")
+    index = tmp_path / "video_index.jsonl"
+    first, second = video_io.ProbeCache(index), video_io.ProbeCache(index)
+    mpg = videos["mpeg2.mpg"]  # MPEG-PS: no frame count without decoding the file
+    with open_video(mpg, "pyav", first) as r:
+        assert r.num_frames == T and r.frame_count_source == "decode"
+    assert (len(probes), len(counts)) == (1, 1)
+    with open_video(mpg, "pyav", second) as r:
+        assert r.num_frames == T and r.get_frames([T - 1]).shape[0] == 1
+    assert (len(probes), len(counts)) == (1, 1)
+
+    # a seek that failed its check is not tried again by the next reader
+    seeks = []
+    real_seek = video_io.PyAVReader._decode_seeking
+    monkeypatch.setattr(video_io.PyAVReader, "_decode_seeking",
+                        lambda self, wanted: (seeks.append(wanted), real_seek(self, wanted))[1])
+    mp4 = videos["h264.mp4"]
+    with open_video(mp4, "pyav", first) as r:
+        pts = list(r._probe.pts)
+        pts[30] += 1  # an index the decoder contradicts
+        r._probe = dataclasses.replace(r._probe, pts=tuple(pts))
+        assert [read_number(f) for f in r.get_frames([31])] == [31]
+        assert "seek check failed" in r.sequential
+    assert len(seeks) == 1
+    with open_video(mp4, "pyav", second) as r:
+        assert "seek check failed" in r.sequential
+        assert [read_number(f) for f in r.get_frames([40])] == [40]
+    assert len(seeks) == 1 and len(probes) == 2  # mp4 probed once, by the first reader
+
+    # the index file holds one line per probe and per learned fact, nothing else
+    lines = index.read_text().splitlines()
+    assert len(lines) == 4  # mpg probed, mpg counted, mp4 probed, mp4 seek failed
+
+
+def test_a_changed_file_is_probed_again(tmp_path, monkeypatch):
+    probes = _count_calls(monkeypatch, "_probe_file")
+    cache = video_io.ProbeCache(tmp_path / "video_index.jsonl")
+    path = write_video(tmp_path / "v.mp4", numbered_frames(20))
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 20
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 20
+    assert len(probes) == 1
+    write_video(path, numbered_frames(30))  # same name, new content
+    with open_video(path, "pyav", cache) as r:
+        assert r.num_frames == 30 and read_number(r.get_frames([29])[0]) == 29
+    assert len(probes) == 2
+
+
+def test_probe_cache_survives_torn_lines(tmp_path):
+    """A line cut short (a worker killed mid-write) costs a re-probe, not an error."""
+    index = tmp_path / "video_index.jsonl"
+    path = write_video(tmp_path / "v.avi", numbered_frames(12), codec="mpeg4")
+    video_io.probe_file(path, video_io.ProbeCache(index))
+    whole = index.read_text()
+    index.write_text(whole + whole[: len(whole) // 2])  # a second, unfinished line
+    fresh = video_io.ProbeCache(index)
+    assert fresh.get(video_io._file_key(path)).num_frames == 12
+    index.write_text("not json\n" + whole)
+    assert video_io.ProbeCache(index).get(video_io._file_key(path)).num_frames == 12
+
+
+def test_auto_backend():
+    assert video_io.resolve_backend("auto") == video_io.AUTO_BACKEND == "pyav"  # by measurement: BENCHMARKS.md
+
+
 # --------------------------------------------------------------------------- stream copies into other muxers
 
-def _remux(src, dst, pts_equals_dts: bool = False) -> None:
+def _stream_copy(src, dst, pts_equals_dts: bool = False) -> None:
     """Stream-copy (no re-encode) ``src`` into ``dst``'s container, optionally writing pts = dts as
     some real muxers do for B-frame streams."""
     with av.open(str(src)) as i, av.open(str(dst), "w") as o:
@@ -229,7 +418,7 @@ REMUXES = {  # name: (source, pts = dts, whether seeking can be trusted)
 def remuxed(videos, tmp_path_factory):
     root = tmp_path_factory.mktemp("remuxed")
     for name, (src, pts_dts, _) in REMUXES.items():
-        _remux(videos[src], root / name, pts_equals_dts=pts_dts)
+        _stream_copy(videos[src], root / name, pts_equals_dts=pts_dts)
     return {name: root / name for name in REMUXES}
 
 
@@ -257,3 +446,4 @@ def test_pts_equal_dts_b_frames_are_flagged_by_the_shared_probe(remuxed):
 
 def test_decoder_identity_names_the_backend_and_version():
     assert video_io.decoder_identity("auto").startswith(f"pyav {av.__version__}")
+

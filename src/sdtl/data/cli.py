@@ -18,17 +18,21 @@ import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from sdtl.data import datasets as D
 from sdtl.data.sampling import sample_train_clip
-from sdtl.data.video_io import VideoDecodeError, available_backends, backend_report, open_video, probe_video
+from sdtl.data.video_io import (VideoDecodeError, available_backends, backend_report, open_video, probe_file,
+                                probe_video)
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset parameters")
-    g.add_argument("--dataset", required=True, choices=sorted(D.BUILDERS), help="dataset layout")
+    g.add_argument("--dataset", required=True, choices=sorted(D.BUILDERS),
+                   help="dataset layout: ucf101, hmdb51 (official lists shipped), folder (<root>/<class>/"
+                        "<video>), csv (train.csv/test.csv), synthetic (what `sdtl synth` wrote)")
     g.add_argument("--root", required=True, help="dataset root (the folder holding the class folders)")
     g.add_argument("--split", type=int, default=1, help="official split 1..3 (default 1)")
     g.add_argument("--lists-dir", default=None, help="your own split lists instead of the shipped ones")
@@ -40,24 +44,44 @@ def register(subparsers) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="{check,bench}")
     sub.required = True
 
-    check = sub.add_parser("check", help="counts, missing files and (with --decode) corrupt videos")
+    check = sub.add_parser(
+        "check", help="counts, missing files and (with --decode) corrupt videos",
+        description="Match the dataset's split lists to the files under --root and report classes, "
+                    "train/test counts and the listed files that are missing. With --decode, every video "
+                    "is decoded and the corrupt ones, and those that cannot be seeked frame-exactly "
+                    "(decoded from the start: slower), are listed. Exit status 1 when files are missing "
+                    "or corrupt, 2 when the input is wrong.",
+        epilog="example: sdtl data check --dataset ucf101 --root /data/UCF101 --decode")
     _add_dataset_args(check)
-    check.add_argument("--decode", action="store_true", help="decode every video and list the corrupt ones")
-    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    check.add_argument("--decode", action="store_true",
+                       help="decode every video and list the corrupt ones and those decoded from the start")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="decoding processes for --decode (default: one per CPU core)")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     check.set_defaults(func=run_check)
 
-    bench = sub.add_parser("bench", help="clips/s of decoding, transforms and the DataLoader")
+    bench = sub.add_parser(
+        "bench", help="clips/s of decoding, transforms and the DataLoader",
+        description="Measure, per decoding backend, clips/s of decoding alone, decoding + transforms "
+                    "(one thread, like a DataLoader worker) and the whole DataLoader, and the time to "
+                    "build the dataset's index. Tells whether the decoder or the model sets the pace, "
+                    "and which backend is faster on your files (--clip-len 1: single-frame reads; "
+                    "--stride 2: clips of every other frame).",
+        epilog="example: sdtl data bench --dataset ucf101 --root /data/UCF101 --clips 128 --workers 4")
     _add_dataset_args(bench)
-    bench.add_argument("--subset", default="train", choices=("train", "test"))
-    bench.add_argument("--clips", type=int, default=64, help="clips per measurement")
-    bench.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--clip-len", type=int, default=16)
-    bench.add_argument("--size", type=int, default=112)
-    bench.add_argument("--backend", action="append", choices=("pyav", "torchcodec"),
-                       help="backend(s) to measure (default: every available one)")
-    bench.add_argument("--json", action="store_true")
+    g = bench.add_argument_group("Benchmark parameters")
+    g.add_argument("--subset", default="train", choices=("train", "test"),
+                   help="which list's videos to read (default train; test also measures multi-clip items)")
+    g.add_argument("--clips", type=int, default=64, help="clips per measurement (default 64)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    g.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size (default 8)")
+    g.add_argument("--clip-len", type=int, default=16, help="frames per clip (default 16; 1 = single frames)")
+    g.add_argument("--stride", type=int, default=1,
+                   help="temporal stride between the frames of a clip (default 1; pre-training uses 2-8)")
+    g.add_argument("--size", type=int, default=112, help="side of the square crop, in pixels (default 112)")
+    g.add_argument("--backend", action="append", choices=("pyav", "torchcodec"),
+                   help="backend to measure; repeat for several (default: every available one)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     bench.set_defaults(func=run_bench)
 
 
@@ -86,14 +110,17 @@ def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool 
     classes, subsets, files_root = D.read_lists(name, root, split, lists_dir)
     report = {"dataset": name, "root": str(root), "split": split, "classes": len(classes),
               "class_names": classes}
-    found, missing = {}, []
+    found, missing, all_entries, all_missing = {}, [], [], []
     for subset in ("train", "test"):
         entries = subsets.get(subset) or []
         records, miss = D.match_files(files_root, entries)
         report[subset] = len(records)
         found[subset] = records
         missing += [m.relpath for m in miss]
+        all_entries += entries
+        all_missing += miss
     report["missing"] = missing
+    report["root_problem"] = D.root_problem(Path(files_root), all_entries, all_missing)
     report["corrupt"] = []
     report["sequential"] = []
     if decode:
@@ -115,8 +142,11 @@ def _print_check(rep: dict) -> None:
     print(f"  train:   {rep['train']} videos")
     print(f"  test:    {rep['test']} videos")
     miss = rep["missing"]
-    print(f"  missing: {len(miss)}" + (f" (first: {', '.join(miss[:10])}{', ...' if len(miss) > 10 else ''})"
+    shown = 3 if rep.get("root_problem") else 10  # a wrong root: the hint below matters, not the list
+    print(f"  missing: {len(miss)}" + (f" (first: {', '.join(miss[:shown])}{', ...' if len(miss) > shown else ''})"
                                        if miss else ""))
+    if rep.get("root_problem"):
+        print(f"  {D.describe_root_problem(rep['root_problem'])}")
     if "decoded" in rep:
         print(f"  decoded: {rep['decoded']} videos in {rep['decode_seconds']} s")
         print(f"  corrupt: {len(rep['corrupt'])}")
@@ -132,23 +162,36 @@ def _print_check(rep: dict) -> None:
 
 
 def run_check(args) -> int:
+    """Exit status 0: all good; 1: missing or corrupt files; 2: the root is wrong (no class folder)."""
     rep = check_dataset(args.dataset, args.root, args.split, args.lists_dir, args.decode, args.workers)
     if args.json:
         print(json.dumps(rep))
     else:
         _print_check(rep)
+    problem = rep["root_problem"]
+    if problem and problem["present_folders"] == 0:
+        return 2
     return 1 if rep["missing"] or rep["corrupt"] else 0
 
 
 # --------------------------------------------------------------------------- bench
 
-def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: int = 0) -> float:
-    """Clips/s of open + decode of one random training clip per video, in this process."""
+def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: int = 0, stride: int = 1) -> float:
+    """Clips/s of open + decode of one random training clip per video, in this process.
+
+    Every file is probed before the clock starts, as a run probes each file once (its
+    ``video_index.jsonl``): what is measured is the per-clip cost of the rest of a run.
+    """
+    for r in records[:clips]:
+        try:
+            probe_file(r.path)
+        except VideoDecodeError:
+            pass
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for i in range(clips):
         with open_video(records[i % len(records)].path, backend) as reader:
-            reader.get_frames(sample_train_clip(reader.num_frames, clip_len, 1, g))
+            reader.get_frames(sample_train_clip(reader.num_frames, clip_len, stride, g))
     return clips / (time.perf_counter() - t0)
 
 
@@ -184,34 +227,51 @@ def measure_loader(dataset, clips: int, workers: int, batch_size: int) -> float:
 
 def bench_dataset(name: str, root, split: int = 1, lists_dir=None, subset: str = "train", clips: int = 64,
                   workers: int = 2, batch_size: int = 8, clip_len: int = 16, size: int = 112,
-                  backends=None) -> dict:
+                  backends=None, stride: int = 1) -> dict:
     t0 = time.perf_counter()
     records, classes = D.list_records(name, root, split, subset, lists_dir, on_missing="skip")
     construct = time.perf_counter() - t0
     result = {"dataset": name, "videos": len(records), "construct_seconds": round(construct, 4),
-              "backends": {}, "unavailable": {}}
+              "clip_len": clip_len, "stride": stride, "backends": {}, "unavailable": {}}
     for b in backends or ("torchcodec", "pyav"):
         if b not in available_backends():
             result["unavailable"][b] = backend_report()[b]
             continue
-        ds = D.VideoClipDataset(records, classes, mode=subset, clip_len=clip_len, size=size, backend=b)
+        ds = D.VideoClipDataset(records, classes, mode=subset, clip_len=clip_len, stride=stride, size=size,
+                                backend=b)
         result["backends"][b] = {
-            "decode_clips_per_s": round(measure_decode(records, b, clips, clip_len), 1),
+            "decode_clips_per_s": round(measure_decode(records, b, clips, clip_len, stride=stride), 1),
             "decode_transform_clips_per_s": round(measure_dataset(ds, clips), 1),
             f"loader_{workers}w_clips_per_s": round(measure_loader(ds, clips, workers, batch_size), 1),
         }
+        if b == "torchcodec":  # the probe hands some files to PyAV: say how many torchcodec really decodes
+            result["torchcodec_files"] = _count_torchcodec_files(records[:clips])
     return result
+
+
+def _count_torchcodec_files(records) -> str:
+    own = 0
+    for r in records:
+        try:
+            with open_video(r.path, "torchcodec") as reader:
+                own += reader.decoder == "torchcodec"
+        except VideoDecodeError:
+            pass
+    return f"{own} of {len(records)} files decoded by torchcodec itself, the others by PyAV's exact path"
 
 
 def run_bench(args) -> int:
     res = bench_dataset(args.dataset, args.root, args.split, args.lists_dir, args.subset, args.clips, args.workers,
-                        args.batch_size, args.clip_len, args.size, args.backend)
+                        args.batch_size, args.clip_len, args.size, args.backend, args.stride)
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"dataset {res['dataset']}: {res['videos']} videos, constructed in {res['construct_seconds']:.3f} s")
+    print(f"dataset {res['dataset']}: {res['videos']} videos, constructed in {res['construct_seconds']:.3f} s; "
+          f"clips of {res['clip_len']} frames, stride {res['stride']}")
     for b, r in res["backends"].items():
         print(f"  {b:10s} " + "  ".join(f"{k.replace('_clips_per_s', '')}: {v} clips/s" for k, v in r.items()))
+    if "torchcodec_files" in res:
+        print(f"  torchcodec: {res['torchcodec_files']}")
     for b, why in res["unavailable"].items():
         print(f"  {b:10s} unavailable: {why}")
     return 0

@@ -15,7 +15,8 @@ Dataset layouts (``root``):
   copies work); official lists shipped with sdtl, or ``lists_dir`` in the same format.
 * ``hmdb51``: ``<class>/<video>.avi``; official ``testTrainMulti_7030_splits`` shipped.
 * ``synthetic``: what ``sdtl synth`` writes: UCF101 layout in ``<root>/videos``, lists in ``<root>/lists``.
-* ``folder``: ``<class>/<video>`` (classes = sorted sub-folders). Subsets from ``<root>/train`` and
+* ``folder``: ``<class>/<video>`` (classes = sorted sub-folders; a sub-folder without videos is an
+  error, not an empty class; hidden folders are ignored). Subsets from ``<root>/train`` and
   ``<root>/test`` when both exist, else from UCF101-style ``trainlist0K.txt``/``testlist0K.txt`` in
   ``lists_dir`` (lines ``<class>/<video> [label]``), else every video is in ``train`` and there is no test.
 * ``csv``: ``<lists_dir or root>/<subset>.csv`` (split 1; ``<subset><K>.csv`` or ``.txt`` for other
@@ -35,8 +36,9 @@ import torch
 
 from sdtl.data import splits as S
 from sdtl.data.sampling import sample_test_clips, sample_train_clip
+from sdtl.data.transforms import _tf as _load_transforms
 from sdtl.data.transforms import test_transform, train_transform
-from sdtl.data.video_io import VideoDecodeError, open_video, resolve_backend
+from sdtl.data.video_io import ProbeCache, VideoDecodeError, open_video, resolve_backend
 from sdtl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -88,10 +90,21 @@ class _DirIndex:
         return listing
 
     def subdirs(self, folder) -> list[str]:
-        return sorted(self._listing(str(folder))[0].values())
+        """Sub-folders, hidden ones (``.git``, ``.ipynb_checkpoints``) left out."""
+        return sorted(d for d in self._listing(str(folder))[0].values() if not d.startswith("."))
 
     def videos(self, folder) -> list[str]:
         return sorted(n for n in self._listing(str(folder))[1] if n.lower().endswith(VIDEO_EXTENSIONS))
+
+    def has_dir(self, relpath: str) -> bool:
+        """Whether the folder ``relpath`` (``/``-separated, relative to the root) exists, any case."""
+        folder = self.root
+        for part in (p for p in relpath.split("/") if p not in ("", ".")):
+            real = self._listing(folder)[0].get(part.lower())
+            if real is None:
+                return False
+            folder = os.path.join(folder, real)
+        return True
 
     def find(self, relpath: str) -> Path | None:
         """The file for ``relpath``: exact name, else same stem (any case) with a video extension.
@@ -153,6 +166,52 @@ def match_files(root: Path, entries: list[S.ListEntry],
     return records, missing
 
 
+def root_problem(root: Path, entries: list[S.ListEntry], missing: list[S.ListEntry]) -> dict | None:
+    """Why ``root`` looks like the wrong folder for these list entries, or None when it looks right.
+
+    Wrong means: none of the folders the lists point into (the class folders) is there, or more than
+    half of the listed videos are missing. The dict says what was expected where, what the root holds
+    instead, and a sub-folder that does hold the class folders, if there is one (``UCF-101/`` inside
+    the folder given)."""
+    relative = [e.relpath for e in entries if not os.path.isabs(e.relpath)]
+    expected = sorted({os.path.dirname(r) for r in relative} - {""})
+    if not entries or not missing:
+        return None
+    index = _DirIndex(root)
+    present = [d for d in expected if index.has_dir(d)]
+    if len(missing) <= len(entries) / 2 and (present or not expected):
+        return None
+    out = {"root": str(root), "missing": len(missing), "listed": len(entries), "expected_folders": len(expected),
+           "present_folders": len(present),
+           "expected_at": [os.path.join(str(root), d) + os.sep for d in expected[:3]],
+           "root_holds": index.subdirs(root)[:8], "suggested_root": None}
+    # One or two levels down, a folder holding most of the expected class folders is the likely root.
+    tops = {d.split("/")[0].lower() for d in expected}
+    candidates = [Path(root, d) for d in index.subdirs(root)]
+    candidates += [Path(c, d) for c in candidates[:20] for d in index.subdirs(c)]
+    best = max(candidates, key=lambda c: sum(d.lower() in tops for d in index.subdirs(c)), default=None)
+    if best is not None and sum(d.lower() in tops for d in index.subdirs(best)) > len(tops) / 2:
+        out["suggested_root"] = str(best)
+    return out
+
+
+def describe_root_problem(problem: dict) -> str:
+    """One paragraph for a human: what is missing, where the class folders were expected, a fix."""
+    root = problem["root"]
+    if problem["present_folders"] == 0:
+        what = f"none of the {problem['expected_folders']} class folders named in the lists is in {root}"
+    else:
+        what = (f"{problem['missing']} of {problem['listed']} listed videos are missing "
+                f"({problem['present_folders']} of {problem['expected_folders']} class folders found)")
+    more = ", ..." if problem["expected_folders"] > len(problem["expected_at"]) else ""
+    holds = ", ".join(f"{d}/" for d in problem["root_holds"]) or "no folders"
+    text = (f"the dataset root looks wrong: {what}; they were expected at {', '.join(problem['expected_at'])}{more}"
+            f"; {root} holds {holds}")
+    if problem["suggested_root"]:
+        return f"{text}; did you mean --root {problem['suggested_root']}?"
+    return f"{text}; --root must be the folder holding the class folders"
+
+
 def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str) -> list[VideoRecord]:
     """List entries -> records with real paths; missing files reported together."""
     if on_missing not in ("error", "skip"):
@@ -164,8 +223,11 @@ def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str)
         source = lists[0] if len(lists) == 1 else f"{len(lists)} list files"
         if not records:
             example = entries[0].relpath if entries else "?"
+            problem = root_problem(root, entries, missing)
+            hint = (describe_root_problem(problem) if problem else
+                    "--root must be the folder holding the class folders")
             raise UserError(f"{root}: none of the {len(entries)} {what} videos named in {source} is there "
-                            f"(e.g. {example}); --root must be the folder holding the class folders")
+                            f"(e.g. {example}); {hint}")
         msg = (f"{root}: {len(missing)} of {len(entries)} {what} videos named in {source} are missing "
                f"(first: {first})")
         if on_missing == "error":
@@ -203,12 +265,35 @@ def _synthetic(root: Path, split: int, lists_dir):
     return classes, {"train": train, "test": test}, _check_root(root / "videos")
 
 
+def _class_folders(index: _DirIndex, base: Path, root: Path, lists_dir=None) -> list[str]:
+    """The class folders of a folder dataset: every sub-folder of ``base``, each holding videos.
+
+    A sub-folder without videos is refused rather than counted as a class with no examples: it
+    usually means --root points one level too high (``sdtl synth`` output read as ``folder`` gave the
+    classes lists, unlabelled and videos)."""
+    classes = index.subdirs(base)
+    if lists_dir is not None:  # split lists kept inside the root are not a class
+        lists = Path(lists_dir).expanduser()
+        classes = [c for c in classes if not (lists.is_dir() and (base / c).resolve() == lists.resolve())]
+    if not classes:
+        raise UserError(f"{base}: no class sub-folders; a folder dataset is <root>/<class>/<video>")
+    empty = [c for c in classes if not index.videos(base / c)]
+    if empty:
+        shown = ", ".join(f"{c}/" for c in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        hint = ("point the dataset root (--root, data.root) at the folder whose sub-folders are the "
+                "classes, or move these folders out of it")
+        if (root / "meta.json").is_file() and (root / "lists" / "classInd.txt").is_file():
+            hint = "this looks like `sdtl synth` output: read it as dataset synthetic"
+        raise UserError(f"{base}: {len(empty)} of {len(classes)} class folders hold no videos: {shown}; {hint}")
+    return classes
+
+
 def _folder(root: Path, split: int, lists_dir):
     index = _DirIndex(root)
     subsets = {s.lower(): s for s in index.subdirs(root)}
     if "train" in subsets and "test" in subsets:
         S.check_split(split, (1,), "a folder dataset with train/ and test/")
-        classes = index.subdirs(root / subsets["train"])
+        classes = _class_folders(index, root / subsets["train"], root)
         by_name = {c: i for i, c in enumerate(classes)}
         out = {}
         for subset in ("train", "test"):
@@ -222,9 +307,7 @@ def _folder(root: Path, split: int, lists_dir):
                             for v in index.videos(base / cls)]
             out[subset] = entries
         return classes, out, root
-    classes = index.subdirs(root)
-    if not classes:
-        raise UserError(f"{root}: no class sub-folders; a folder dataset is <root>/<class>/<video>")
+    classes = _class_folders(index, root, root, lists_dir)
     if lists_dir is not None:
         lists = Path(lists_dir).expanduser()
         out = {}
@@ -333,6 +416,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
     would have seen. Call :meth:`set_epoch` before iterating each epoch. With
     ``persistent_workers=True`` the workers keep their own copy of the dataset and never see
     ``set_epoch``: use non-persistent workers (the default) for per-epoch randomness.
+
+    ``probe_index``: a file (the run's ``video_index.jsonl``) where the workers record what probing
+    each video taught them (frame count, seekable or not), so that every video is probed once per run
+    instead of once per clip; see :class:`sdtl.data.video_io.ProbeCache`.
     """
 
     #: undecodable videos tried in a row before giving up on an item (no endless retry loops)
@@ -340,7 +427,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[VideoRecord], classes: list[str], mode: str = "train", clip_len: int = 16,
                  stride: int = 1, num_clips: int = 10, crops: int = 1, size: int = 112, backend: str = "auto",
-                 seed: int = 0, skip_corrupt: bool = True, crop_area: tuple[float, float] = (0.25, 1.0)):
+                 seed: int = 0, skip_corrupt: bool = True, crop_area: tuple[float, float] = (0.25, 1.0),
+                 probe_index=None):
         if mode not in ("train", "test"):
             raise UserError(f"mode {mode!r}: use 'train' or 'test'")
         if not records:
@@ -361,6 +449,12 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.mode = mode
         self.clip_len, self.stride, self.num_clips, self.crops, self.size = clip_len, stride, num_clips, crops, size
         self.backend = resolve_backend(backend)  # resolved once here, so every worker uses the same one
+        # What the probe learned about each file, shared by the workers of every epoch through the
+        # run's index file (None: each process remembers only its own probes).
+        self.probe_cache = ProbeCache(probe_index) if probe_index is not None else None
+        # DataLoader workers are forked from this process every epoch: import torchvision's transforms
+        # here, once, rather than in each worker of each epoch (~1.5 s of CPU per worker here).
+        _load_transforms()
         self.seed = int(seed)
         self.skip_corrupt = skip_corrupt
         if not (len(crop_area) == 2 and 0 < crop_area[0] <= crop_area[1] <= 1):
@@ -396,7 +490,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         for _ in range(self.max_replacements + 1):
             record = self.records[index]
             try:
-                with open_video(record.path, self.backend) as reader:
+                with open_video(record.path, self.backend, self.probe_cache) as reader:
                     frames = reader.get_frames(
                         sample_train_clip(reader.num_frames, self.clip_len, self.stride, generator))
                 break
@@ -415,7 +509,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         record = self.records[index]
         views = self.num_clips * self.crops
         try:
-            with open_video(record.path, self.backend) as reader:
+            with open_video(record.path, self.backend, self.probe_cache) as reader:
                 clips = sample_test_clips(reader.num_frames, self.clip_len, self.stride, self.num_clips)
                 frames = reader.get_frames([i for clip in clips for i in clip])  # one pass for all clips
         except VideoDecodeError as exc:

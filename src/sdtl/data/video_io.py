@@ -5,16 +5,22 @@ Called by :mod:`sdtl.data.datasets` (one clip per sample, inside DataLoader work
 
 What "frame-exact" means here: ``reader.get_frames([i, ..., i+T-1])`` returns exactly frames
 ``i..i+T-1`` of a full sequential decode of the file, in presentation order. Naive seeking breaks this
-on real files (AVI with B-frames has no real timestamps; MPEG program streams and raw elementary
-streams seek by byte position; variable frame rate files break "index = time x fps"), so:
+on real files (AVI with B-frames has no real timestamps; H.264 muxed with pts == dts names the wrong
+picture at every timestamp; MPEG program streams and raw elementary streams seek by byte position;
+variable frame rate files break "index = time x fps"), so:
 
-* the frame index is mapped to a presentation timestamp through the packet index of the file (a demux
-  pass: reads the bytes, decodes nothing), never through ``index / fps``;
-* we seek to the last key frame at or before the first wanted frame and decode forward, checking that
-  every decoded frame carries exactly the timestamp the index predicts; any surprise falls back to a
-  decode from the start;
+* one probe per file (:func:`probe_file`: the packet index, from a demux pass that decodes nothing)
+  decides for BOTH backends whether the file can be seeked; frame indices map to presentation
+  timestamps through that index, never through ``index / fps``;
+* PyAV seeks to the last key frame at or before the first wanted frame and decodes forward, checking
+  that every decoded frame carries exactly the timestamp the index predicts; torchcodec seeks on the
+  same index and the timestamps of what it returns are checked; any surprise falls back to PyAV's
+  decode from the start, and is remembered;
 * files whose timestamps cannot be trusted at all (:func:`sequential_reason`) are always decoded from
-  the start. ``sdtl data check --decode`` lists them (:func:`probe_video` verifies a whole file).
+  the start by PyAV. ``sdtl data check --decode`` lists them (:func:`probe_video` verifies a whole file);
+* what the probe learned is kept per file for the run (:class:`ProbeCache`, shared by DataLoader
+  workers through the run's ``video_index.jsonl``), so a file is probed -- or counted by decoding --
+  once per run, not once per clip.
 
 Every reader is a context manager and closes its container (PyAV containers left to the garbage
 collector are the classic RAM growth of long PyAV runs).
@@ -22,11 +28,12 @@ collector are the classic RAM growth of long PyAV runs).
 from __future__ import annotations
 
 import bisect
-import fractions
 import functools
+import json
 import logging
-import math
-from dataclasses import dataclass
+import os
+import stat
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -80,25 +87,25 @@ def _torchcodec_status() -> str | None:
 
 
 def available_backends() -> list[str]:
-    """Backends that work in this process, fastest first (``torchcodec`` only if its FFmpeg loads)."""
-    return ["torchcodec", "pyav"] if _torchcodec_status() is None else ["pyav"]
+    """Backends that work in this process; ``torchcodec`` only if its FFmpeg libraries load."""
+    return ["pyav", "torchcodec"] if _torchcodec_status() is None else ["pyav"]
 
 
 def backend_report() -> dict[str, str]:
-    """``{backend: "ok" | reason it is unavailable}`` for ``data check`` / ``data bench``."""
+    """``{backend: "ok ..." | reason it is unavailable}`` for ``data check`` / ``data bench``."""
     return {"pyav": f"ok (PyAV {av.__version__})", "torchcodec": _torchcodec_status() or "ok"}
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` -> PyAV; ``torchcodec`` is used only when asked for. Explicit names are checked.
+#: What ``auto`` means. Measured with ``sdtl data bench`` (BENCHMARKS.md, "Decoding backends"): once
+#: every file is probed once per run, torchcodec is not faster than PyAV on the files we tried, and
+#: PyAV needs no system FFmpeg, so ``auto`` is PyAV. torchcodec stays available by name.
+AUTO_BACKEND = "pyav"
 
-    Evidence (BENCHMARKS.md, 2 cores, a new reader per 16-frame clip): torchcodec was 1.6-1.8x faster
-    on MPEG-4 Part 2 (XviD) AVI but 2.4x slower on long-GOP H.264, and its colour conversion differs
-    from PyAV's bundled FFmpeg by 1-2 levels. PyAV is exact on every file (per-frame timestamp
-    checks) and gives the same pixels on every machine, so it is the default.
-    """
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend a name stands for (``auto`` -> :data:`AUTO_BACKEND`); explicit names are checked."""
     if backend == "auto":
-        return "pyav"
+        return AUTO_BACKEND
     if backend == "pyav":
         return "pyav"
     if backend == "torchcodec":
@@ -115,73 +122,40 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def decoder_identity(backend: str = "auto") -> str:
-    """What decodes the videos, with versions: recorded with every run, because backends (and FFmpeg
-    builds) differ by 1-2 pixel levels and a model should be evaluated with the decoder it saw."""
+    """What decodes the videos, with versions, e.g. ``pyav 18.1.0 (FFmpeg 8.1.2 bundled)``: recorded in a
+    run's ``config.yaml``, its checkpoints and results, because the backends (and FFmpeg builds) differ
+    by 1-2 pixel levels and a model should be evaluated with the decoder it was trained with. The first
+    word is the backend's name."""
     name = resolve_backend(backend)
     if name == "torchcodec":
         import torchcodec
 
-        return f"torchcodec {getattr(torchcodec, '__version__', '?')} (system FFmpeg)"
-    return f"pyav {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions.get('libavcodec', ())))} bundled)"
+        try:  # private, so the identity only loses the FFmpeg version if it moves
+            from torchcodec._core import get_ffmpeg_library_versions
+
+            ffmpeg = get_ffmpeg_library_versions().get("ffmpeg_version", "?")
+        except Exception:
+            ffmpeg = "?"
+        return (f"torchcodec {getattr(torchcodec, '__version__', '?')} (system FFmpeg {ffmpeg}; files it cannot "
+                f"seek exactly: pyav {av.__version__})")
+    ffmpeg = getattr(av, "ffmpeg_version_info", None) or ".".join(map(str, av.library_versions.get("libavcodec", ())))
+    return f"pyav {av.__version__} (FFmpeg {ffmpeg} bundled)"
 
 
-def open_video(path, backend: str = "auto") -> "VideoReader":
+def open_video(path, backend: str = "auto", cache: "ProbeCache | None" = None) -> "VideoReader":
     """Open ``path`` for frame-exact random access. Use as a context manager.
+
+    ``cache`` holds what the packet probe learned about each file (default: this process's memory);
+    pass a run's shared :class:`ProbeCache` so that DataLoader workers probe each file once per run.
 
     Raises :class:`VideoDecodeError` for anything that is not a decodable video (missing, zero-byte,
     truncated header, text file, no video stream, unreadable).
     """
     name = resolve_backend(backend)
-    return TorchcodecReader(path) if name == "torchcodec" else PyAVReader(path)
+    return TorchcodecReader(path, cache) if name == "torchcodec" else PyAVReader(path, cache)
 
 
-# --------------------------------------------------------------------------- readers
-
-class VideoReader:
-    """Interface shared by the backends: ``num_frames``, ``fps``, ``get_frames``, ``close``."""
-
-    path: Path
-    backend: str
-    #: why this file is decoded from the start instead of seeked (None = seeking is trusted)
-    sequential: str | None = None
-    #: where ``num_frames`` came from: "index" (packet index / container), or "decode" (a decode pass)
-    frame_count_source: str = "index"
-
-    @property
-    def num_frames(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def fps(self) -> float:
-        raise NotImplementedError
-
-    def get_frames(self, indices) -> torch.Tensor:
-        """uint8 ``[len(indices), H, W, 3]`` RGB, in the order of ``indices`` (repeats allowed)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def _check_indices(self, indices) -> list[int]:
-        idx = [int(i) for i in indices]
-        n = self.num_frames
-        bad = [i for i in idx if not 0 <= i < n]
-        if bad:
-            raise VideoDecodeError(self.path, f"frame index {bad[0]} out of range (the video has {n} frames)")
-        return idx
-
+# --------------------------------------------------------------------------- the probe
 
 def _is_seekable_format(container, stream) -> str | None:
     """None when the container's timestamps can be used to seek, else why not (header only)."""
@@ -222,46 +196,332 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
-@dataclass
-class _PacketIndex:
-    pts: list[int]  # presentation timestamps of all frames, sorted (frame i <-> pts[i])
-    key_pts: list[int]  # presentation timestamps of key frames, sorted
+@dataclass(frozen=True)
+class PacketProbe:
+    """What the packet-index probe learned about one file. It decides how BOTH backends read the file.
+
+    ``sequential`` is None when the packet timestamps are the frames' presentation times: frame ``i``
+    is found by seeking to ``pts[i]`` (PyAV's checked seek path, or torchcodec with this index and a
+    check of the timestamps it returns). Otherwise it says why not, and the file is decoded from the
+    start by PyAV whatever the backend.
+    """
+
+    num_frames: int | None  # None: not known without decoding (counted on first use, then learned)
+    sequential: str | None
+    fps: float = 0.0
+    pts: tuple[int, ...] = ()  # presentation timestamps of all frames, sorted (frame i <-> pts[i])
+    key_pts: tuple[int, ...] = ()  # presentation timestamps of the key frames, sorted
+    time_base: tuple[int, int] = (1, 1)  # seconds = pts * time_base[0] / time_base[1]
+    count_source: str = "index"  # where num_frames came from: "index" (packets/header) or "decode"
+    #: why torchcodec must not read this file (learned: its own index disagreed with this one)
+    torchcodec: str | None = None
+
+    def to_json(self) -> dict:
+        return {"frames": self.num_frames, "sequential": self.sequential, "fps": self.fps,
+                "pts": _to_runs(self.pts), "keys": _to_runs(self.key_pts), "time_base": list(self.time_base),
+                "count": self.count_source, "torchcodec": self.torchcodec}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PacketProbe":
+        return cls(d["frames"], d["sequential"], float(d["fps"]), _from_runs(d["pts"]), _from_runs(d["keys"]),
+                   tuple(d["time_base"]), d["count"], d["torchcodec"])
 
 
-def _scan_packets(container, stream) -> tuple[_PacketIndex | None, int, str | None]:
-    """Demux (no decoding) the video stream. Returns (index or None, packet count, reason if no index)."""
+def _to_runs(values) -> list[list[int]]:
+    """Sorted ints as ``[first, step, count]`` runs: a constant-rate video's index is one run."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs:
+            first, step, count = runs[-1]
+            if count == 1:
+                runs[-1] = [first, v - first, 2]
+                continue
+            if v - (first + step * (count - 1)) == step:
+                runs[-1][2] += 1
+                continue
+        runs.append([v, 0, 1])
+    return runs
+
+
+def _from_runs(runs) -> tuple[int, ...]:
+    return tuple(first + step * k for first, step, count in runs for k in range(count))
+
+
+# Frames decoded by the presentation-order check (below). B-frames show up within the first GOPs.
+_ORDER_CHECK_FRAMES = 48
+
+
+def _scan_packets(container, stream) -> tuple[list[int], list[int], int, bool, str | None]:
+    """Demux (no decoding) the video stream.
+
+    Returns ``(sorted pts, sorted key-frame pts, packet count, pts never decrease in file order,
+    reason the timestamps can't index the frames or None)``.
+    """
     pts, keys = [], []
     missing = 0
-    in_decode_order = True  # every packet's pts larger than the previous packet's
+    in_order = True
     for packet in container.demux(stream):
         if packet.size == 0 or packet.is_discard:  # flush packets; edit-list pre-roll (not shown)
             continue
         if packet.pts is None:
             missing += 1
             continue
-        if pts and packet.pts <= pts[-1]:
-            in_decode_order = False
+        if pts and packet.pts < pts[-1]:
+            in_order = False
         pts.append(packet.pts)
         if packet.is_keyframe:
             keys.append(packet.pts)
     count = len(pts) + missing
     if missing:
-        return None, count, f"{missing} of {count} packets have no timestamp"
+        return [], [], count, in_order, f"{missing} of {count} packets have no timestamp"
     sorted_pts = sorted(pts)
     if any(a == b for a, b in zip(sorted_pts, sorted_pts[1:])):
-        return None, count, "duplicate frame timestamps"
+        return [], [], count, in_order, "duplicate frame timestamps"
     if not keys:
-        return None, count, "no key frames in the packet index"
+        return [], [], count, in_order, "no key frames in the packet index"
     keys.sort()
     if keys[0] != sorted_pts[0]:
-        return None, count, "the first frame is not a key frame"
-    if in_decode_order and stream.codec_context.has_b_frames and count > 2:
-        # With B-frames, presentation order differs from decode (packet) order, so real presentation
-        # timestamps cannot increase packet by packet. These do: the muxer wrote pts = dts (seen in
-        # real MP4/MKV files), frame i is not the i-th smallest pts, and any seek by pts (PyAV's or
-        # torchcodec's) lands on a neighbouring frame.
-        return None, count, "B-frames with timestamps in decode order (pts == dts): presentation order unknown"
-    return _PacketIndex(sorted_pts, keys), count, None
+        return [], [], count, in_order, "the first frame is not a key frame"
+    return sorted_pts, keys, count, in_order, None
+
+
+def _presentation_order_reason(path, pts: list[int]) -> str | None:
+    """None when the first decoded frames carry the index's timestamps, in order; else why not.
+
+    Run for streams with B-frames whose packet timestamps never go backwards in file order. With real
+    presentation times a B-frame follows, in the file, the later frame it is predicted from, so its
+    timestamp goes back; never going back means either no B-frame is used, or the muxer wrote decode
+    times as presentation times (pts == dts; opencv's box.mp4). Then every timestamp names the wrong
+    picture and any seek -- ours or torchcodec's -- returns a neighbouring frame. A short decode tells
+    the two apart.
+    """
+    container = _open_container(path)
+    try:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        want = pts[:_ORDER_CHECK_FRAMES]
+        got = []
+        for frame in container.decode(stream):
+            got.append(frame.pts)
+            if len(got) == len(want):
+                break
+    finally:
+        container.close()
+    if got != want:
+        return "packet timestamps are decode times, not presentation times (B-frames muxed with pts == dts)"
+    return None
+
+
+def _probe_file(path) -> PacketProbe:
+    container = _open_container(path)
+    try:
+        stream = container.streams.video[0]
+        reason = _is_seekable_format(container, stream)
+        pts, keys, count, in_order, scan_reason = _scan_packets(container, stream)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        tb = stream.time_base
+        is_avi = container.format.name == "avi"
+        header_frames = stream.frames
+        has_b_frames = stream.codec_context.has_b_frames
+    except VideoDecodeError:
+        raise
+    except Exception as exc:
+        raise VideoDecodeError(path, _describe(exc)) from None
+    finally:
+        container.close()
+    if count == 0:
+        raise VideoDecodeError(path, "no video packets (empty or truncated file)")
+    reason = reason or scan_reason
+    if reason is None and has_b_frames and in_order:
+        try:
+            reason = _presentation_order_reason(path, pts)
+        except VideoDecodeError:
+            raise
+        except Exception as exc:
+            raise VideoDecodeError(path, _describe(exc)) from None
+    if reason is None:
+        return PacketProbe(len(pts), None, fps, tuple(pts), tuple(keys), (tb.numerator, tb.denominator))
+    if is_avi and header_frames == count:
+        # AVI: one packet per frame and the header count agrees with the index: trust it.
+        return PacketProbe(count, reason, fps)
+    return PacketProbe(None, reason, fps)
+
+
+def _file_key(path) -> tuple[str, int, int] | None:
+    """``(absolute path, size, mtime in ns)``: a file changed in place gets a new key (re-probed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+class ProbeCache:
+    """What the probe learned about each file during a run, keyed by path, size and mtime.
+
+    Kept in memory and, with ``path``, in an append-only JSON-lines file (a run's
+    ``video_index.jsonl``) that every DataLoader worker reads and appends to: a worker meeting a file
+    that another worker -- or an earlier epoch's workers -- already probed reads the answer instead of
+    probing again. Facts learned later (a frame count from a decode pass, a failed seek check) are
+    appended too; the last line of a file wins. Each line is written by one ``write`` on an
+    ``O_APPEND`` descriptor, so lines from concurrent workers do not interleave on a local filesystem;
+    an unreadable line only costs a re-probe.
+    """
+
+    def __init__(self, path=None):
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[tuple, PacketProbe] = {}
+        self._offset = 0  # bytes of the shared file already read
+
+    def get(self, key: tuple) -> PacketProbe | None:
+        hit = self._entries.get(key)
+        if hit is None and self.path is not None:
+            self._read_shared()
+            hit = self._entries.get(key)
+        return hit
+
+    def put(self, key: tuple, probe: PacketProbe) -> None:
+        self._entries[key] = probe
+        if self.path is None:
+            return
+        line = json.dumps({"path": key[0], "size": key[1], "mtime_ns": key[2], **probe.to_json()}) + "\n"
+        data = line.encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("%s: cannot record probed videos (%s); each worker probes on its own", self.path, exc)
+            self.path = None
+
+    def _read_shared(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in data[:end].splitlines():
+            try:
+                d = json.loads(line)
+                self._entries[(d["path"], d["size"], d["mtime_ns"])] = PacketProbe.from_json(d)
+            except (ValueError, KeyError, TypeError):
+                continue
+        self._offset += end
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: The cache of readers opened without one: this process's memory.
+_PROCESS_CACHE = ProbeCache()
+
+
+def _lookup(path, cache: ProbeCache | None) -> tuple[tuple | None, PacketProbe]:
+    cache = _PROCESS_CACHE if cache is None else cache
+    key = _file_key(path)
+    probe = cache.get(key) if key is not None else None
+    if probe is None:
+        probe = _probe_file(path)
+        if key is not None:
+            cache.put(key, probe)
+    return key, probe
+
+
+def probe_file(path, cache: ProbeCache | None = None) -> PacketProbe:
+    """The packet probe of ``path``: header + packet index (no decoding, except a short decode for
+    B-frame streams whose timestamps never go back). Answered from ``cache`` when the file is known."""
+    return _lookup(path, cache)[1]
+
+
+# --------------------------------------------------------------------------- readers
+
+class VideoReader:
+    """Interface shared by the backends: ``num_frames``, ``fps``, ``get_frames``, ``close``."""
+
+    path: Path
+    #: the backend this reader was opened with
+    backend: str
+    #: why this file is decoded from the start instead of seeked (None = seeking is trusted)
+    sequential: str | None = None
+
+    def __init__(self, path, cache: ProbeCache | None):
+        self.path = Path(path)
+        self._cache = _PROCESS_CACHE if cache is None else cache
+        self._key, self._probe = _lookup(self.path, self._cache)
+
+    @property
+    def decoder(self) -> str:
+        """The backend that really decodes this file (torchcodec hands some files to PyAV)."""
+        return self.backend
+
+    def _learn(self, **facts) -> None:
+        """Record what reading taught us (a frame count, an untrusted seek) for every later reader."""
+        self._probe = replace(self._probe, **facts)
+        if self._key is not None:
+            self._cache.put(self._key, self._probe)
+
+    @property
+    def frame_count_source(self) -> str:
+        """Where ``num_frames`` came from: "index" (packet index / header) or "decode" (a decode pass)."""
+        return self._probe.count_source
+
+    @property
+    def num_frames(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def fps(self) -> float:
+        return self._probe.fps
+
+    def get_frames(self, indices) -> torch.Tensor:
+        """uint8 ``[len(indices), H, W, 3]`` RGB, in the order of ``indices`` (repeats allowed)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _check_indices(self, indices) -> list[int]:
+        idx = [int(i) for i in indices]
+        n = self.num_frames
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise VideoDecodeError(self.path, f"frame index {bad[0]} out of range (the video has {n} frames)")
+        if not idx:
+            raise ValueError("get_frames needs at least one index")
+        return idx
+
+
+def _count_frames_by_decoding(container, stream, path) -> int:
+    n = 0
+    try:
+        for _ in container.decode(stream):
+            n += 1
+    except Exception as exc:
+        if n == 0:
+            raise VideoDecodeError(path, _describe(exc)) from None
+        log.debug("%s: decode stopped after %d frames: %s", path, n, exc)
+    if n == 0:
+        raise VideoDecodeError(path, "no frame could be decoded")
+    return n
 
 
 class _SeekMismatch(Exception):
@@ -269,47 +529,19 @@ class _SeekMismatch(Exception):
 
 
 class PyAVReader(VideoReader):
-    """PyAV backend (bundled FFmpeg, always available)."""
+    """PyAV backend (bundled FFmpeg, always available); the exact path for every untrusted file."""
 
     backend = "pyav"
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, cache: ProbeCache | None = None):
         self._container = None
+        super().__init__(path, cache)
+        self.sequential = self._probe.sequential
         self._container = _open_container(self.path)
         self._stream = self._container.streams.video[0]
         self._stream.codec_context.thread_count = 1  # many workers decode in parallel; threads only contend
-        self._index: _PacketIndex | None = None
-        self._num_frames: int | None = None
         self._reformatter = av.video.reformatter.VideoReformatter()  # reused: 5x faster than to_ndarray(rgb24)
-        self.sequential = _is_seekable_format(self._container, self._stream)
-        try:
-            self._build_index()
-        except VideoDecodeError:
-            self.close()
-            raise
-        except Exception as exc:
-            self.close()
-            raise VideoDecodeError(self.path, _describe(exc)) from None
-
-    # -- metadata
-    def _build_index(self) -> None:
-        index, count, reason = _scan_packets(self._container, self._stream)
-        if count == 0:
-            raise VideoDecodeError(self.path, "no video packets (empty or truncated file)")
-        if self.sequential is None and reason is not None:
-            self.sequential = reason
-        if self.sequential is None:
-            self._index = index
-            self._num_frames = len(index.pts)
-        elif self._container.format.name == "avi" and self._stream.frames == count:
-            # AVI: one packet per frame and the header count agrees with the index: trust it.
-            self._num_frames = count
-        else:
-            self._num_frames = None  # counted by a decode pass on first use
-        # The demux pass consumed the packets. The seeking path seeks before every decode anyway;
-        # the sequential path reopens the file first (see _rewind).
-        self._at_start = False
+        self._at_start = True
 
     def _rewind(self) -> None:
         # Reopen rather than seek(0): raw streams and some MPEG files can't seek back reliably.
@@ -323,27 +555,12 @@ class PyAVReader(VideoReader):
 
     @property
     def num_frames(self) -> int:
-        if self._num_frames is None:
-            self.frame_count_source = "decode"
+        if self._probe.num_frames is None:
             self._rewind()
             self._at_start = False
-            n = 0
-            try:
-                for _ in self._container.decode(self._stream):
-                    n += 1
-            except Exception as exc:
-                if n == 0:
-                    raise VideoDecodeError(self.path, _describe(exc)) from None
-                log.debug("%s: decode stopped after %d frames: %s", self.path, n, exc)
-            if n == 0:
-                raise VideoDecodeError(self.path, "no frame could be decoded")
-            self._num_frames = n
-        return self._num_frames
-
-    @property
-    def fps(self) -> float:
-        rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-        return float(rate) if rate else 0.0
+            self._learn(num_frames=_count_frames_by_decoding(self._container, self._stream, self.path),
+                        count_source="decode")
+        return self._probe.num_frames
 
     # -- decoding
     def _rgb(self, frame) -> np.ndarray:
@@ -351,8 +568,6 @@ class PyAVReader(VideoReader):
 
     def get_frames(self, indices) -> torch.Tensor:
         idx = self._check_indices(indices)
-        if not idx:
-            raise ValueError("get_frames needs at least one index")
         wanted = sorted(set(idx))
         try:
             got = None
@@ -362,6 +577,7 @@ class PyAVReader(VideoReader):
                 except _SeekMismatch as why:
                     self.sequential = f"seek check failed: {why}"
                     log.debug("%s: %s; decoding from the start", self.path, self.sequential)
+                    self._learn(sequential=self.sequential)
             if got is None:
                 got = self._decode_sequential(wanted)
         except VideoDecodeError:
@@ -389,14 +605,13 @@ class PyAVReader(VideoReader):
         return got
 
     def _decode_seeking(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        index = self._index
-        pts = index.pts
+        pts, key_pts = self._probe.pts, self._probe.key_pts
         self._at_start = False
         got: dict[int, np.ndarray] = {}
         i = 0
         while i < len(wanted):
             target = pts[wanted[i]]
-            key = index.key_pts[bisect.bisect_right(index.key_pts, target) - 1]
+            key = key_pts[bisect.bisect_right(key_pts, target) - 1]
             pos = bisect.bisect_left(pts, key)  # frame index of that key frame
             self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
             started = False
@@ -421,7 +636,7 @@ class PyAVReader(VideoReader):
                     if i == len(wanted):
                         break
                     # The next wanted frame sits behind a later key frame: seek instead of decoding on.
-                    next_key = index.key_pts[bisect.bisect_right(index.key_pts, pts[wanted[i]]) - 1]
+                    next_key = key_pts[bisect.bisect_right(key_pts, pts[wanted[i]]) - 1]
                     if next_key > p:
                         break
                 pos += 1
@@ -436,74 +651,85 @@ class PyAVReader(VideoReader):
 
 
 class TorchcodecReader(VideoReader):
-    """torchcodec backend: exact-mode index, faster colour conversion. Files whose timestamps can't be
-    trusted (see :func:`sequential_reason`) are handed to PyAV's decode-from-start path, because
-    torchcodec silently returns neighbouring frames for them (AVI with B-frames, MPEG-PS)."""
+    """torchcodec backend, behind the same probe as PyAV.
+
+    torchcodec builds its own index with its own FFmpeg (the system's, often another version than
+    PyAV's), so two independent readings of the file must agree: it is used only on files the probe
+    trusts, only when its frame count and first timestamp match the probe's, and every frame it returns
+    must carry the timestamp the probe gives for the requested index. Every other file -- and any file
+    where a check fails -- is read by PyAV's exact path. Without these checks torchcodec silently
+    returned neighbouring frames (H.264 muxed with pts == dts, AVI and its MKV/MP4 remuxes with
+    B-frames, H.264 in AVI, MPEG program streams).
+    """
 
     backend = "torchcodec"
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, cache: ProbeCache | None = None):
         self._fallback: PyAVReader | None = None
         self._decoder = None
-        # The same probe as PyAV's (header + packet index, no decoding) decides whether this file may
-        # be seeked at all; torchcodec returns neighbouring frames, without an error, on every file it
-        # rejects (AVI with B-frames, pts == dts B-frame muxes, MPEG-PS, ...).
-        self.sequential, index, time_base = _probe_packets(self.path)
-        if self.sequential is not None:
-            self._fallback = PyAVReader(self.path)
-            self._fallback.sequential = self.sequential
+        super().__init__(path, cache)
+        if self._probe.sequential is not None or self._probe.torchcodec is not None:
+            self._fallback = PyAVReader(self.path, self._cache)
             return
-        self._expected_s = [float(p * time_base) for p in index.pts]
         try:
             from torchcodec.decoders import VideoDecoder
 
             self._decoder = VideoDecoder(str(self.path), seek_mode="exact", dimension_order="NHWC",
                                          num_ffmpeg_threads=1)
-            self._n = len(self._decoder)
-            if self._n <= 0:
-                raise VideoDecodeError(self.path, "no frames")
             meta = self._decoder.metadata
-            self._fps = float(meta.average_fps or 0.0)
-        except VideoDecodeError:
-            raise
+            count, begin = len(self._decoder), meta.begin_stream_seconds_from_content
         except Exception as exc:
             raise VideoDecodeError(self.path, _describe(exc)) from None
+        first = None if begin is None else self._to_pts(begin)
+        if count != self._probe.num_frames or first != self._probe.pts[0]:
+            self._use_exact_path(f"torchcodec's index ({count} frames from pts {first}) differs from the "
+                                 f"probe's ({self._probe.num_frames} from pts {self._probe.pts[0]})")
+
+    def _to_pts(self, seconds: float) -> int:
+        num, den = self._probe.time_base
+        return round(seconds * den / num)
+
+    def _use_exact_path(self, why: str) -> None:
+        # PyAV checks its own seeks frame by frame, so a disagreement of torchcodec's FFmpeg does not
+        # make PyAV decode this file from the start.
+        log.debug("%s: %s; reading it with PyAV's exact path", self.path, why)
+        self._learn(torchcodec=why)
+        self._decoder = None
+        self._fallback = PyAVReader(self.path, self._cache)
+
+    @property
+    def decoder(self) -> str:
+        return "pyav" if self._fallback is not None else "torchcodec"
+
+    @property
+    def sequential(self) -> str | None:  # type: ignore[override]
+        return self._fallback.sequential if self._fallback is not None else None
 
     @property
     def num_frames(self) -> int:
-        return self._fallback.num_frames if self._fallback else self._n
+        return self._fallback.num_frames if self._fallback else self._probe.num_frames
 
     @property
-    def fps(self) -> float:
-        return self._fallback.fps if self._fallback else self._fps
-
-    @property
-    def frame_count_source(self) -> str:  # type: ignore[override]
-        return self._fallback.frame_count_source if self._fallback else "index"
+    def frame_count_source(self) -> str:
+        return self._fallback.frame_count_source if self._fallback else self._probe.count_source
 
     def get_frames(self, indices) -> torch.Tensor:
         if self._fallback is not None:
             return self._fallback.get_frames(indices)
         idx = self._check_indices(indices)
-        if not idx:
-            raise ValueError("get_frames needs at least one index")
         wanted = sorted(set(idx))
         try:
             batch = self._decoder.get_frames_at(wanted)
         except Exception as exc:
             raise VideoDecodeError(self.path, _describe(exc)) from None
-        frames = batch.data
-        times = batch.pts_seconds.tolist()
-        expected = [self._expected_s[i] if i < len(self._expected_s) else math.nan for i in wanted]
-        if len(self._expected_s) != self._n or any(not abs(a - b) < 1e-4 for a, b in zip(times, expected)):
-            # torchcodec's frames are not the ones the packet index names: PyAV decodes this file
-            # (seeking with a per-frame timestamp check, or from the start).
-            self.sequential = (f"torchcodec returned frames at {times[:3]} s for indices {wanted[:3]}, "
-                               f"the packet index says {expected[:3]}")
-            log.debug("%s: %s", self.path, self.sequential)
-            self._fallback = PyAVReader(self.path)
+        returned = [self._to_pts(t) for t in batch.pts_seconds.tolist()]
+        expected = [self._probe.pts[i] for i in wanted]
+        if returned != expected:
+            bad = next(k for k, (a, b) in enumerate(zip(returned, expected)) if a != b)
+            self._use_exact_path(f"torchcodec returned pts {returned[bad]} for frame {wanted[bad]} "
+                                 f"(probe: {expected[bad]})")
             return self._fallback.get_frames(indices)
+        frames = batch.data
         if wanted == idx:
             return frames
         where = {f: k for k, f in enumerate(wanted)}
@@ -529,32 +755,12 @@ class VideoProbe:
     sequential: str | None  # why seeking is not trusted for this file (None = seeks are exact)
 
 
-def _probe_packets(path) -> tuple[str | None, "_PacketIndex | None", fractions.Fraction]:
-    """(why ``path`` must be decoded from the start or None, its packet index, the stream time base)."""
-    container = _open_container(path)
-    try:
-        stream = container.streams.video[0]
-        reason, index = _is_seekable_format(container, stream), None
-        if reason is None:
-            index, count, reason = _scan_packets(container, stream)
-            if count == 0:
-                raise VideoDecodeError(path, "no video packets (empty or truncated file)")
-        return reason, index, stream.time_base
-    except VideoDecodeError:
-        raise
-    except Exception as exc:
-        raise VideoDecodeError(path, _describe(exc)) from None
-    finally:
-        container.close()
-
-
-def sequential_reason(path) -> str | None:
+def sequential_reason(path, cache: ProbeCache | None = None) -> str | None:
     """Why ``path`` must be decoded from the start (None: it can be seeked frame-exactly).
 
-    Cheap: header + packet index only, the same probe both readers use. :func:`probe_video`
-    additionally verifies every timestamp.
+    The readers' own probe (:func:`probe_file`). :func:`probe_video` additionally verifies every timestamp.
     """
-    return _probe_packets(path)[0]
+    return probe_file(path, cache).sequential
 
 
 def needs_sequential_decode(path) -> bool:
@@ -567,19 +773,12 @@ def probe_video(path) -> VideoProbe:
 
     Raises :class:`VideoDecodeError` when the file is corrupt (nothing decodes, or decoding errors).
     """
-    reason = sequential_reason(path)
-    index = None
-    if reason is None:
-        container = _open_container(path)
-        try:
-            index, _, reason = _scan_packets(container, container.streams.video[0])
-        finally:
-            container.close()
+    probe = probe_file(path)
+    reason = probe.sequential
     container = _open_container(path)
     try:
         stream = container.streams.video[0]
         stream.codec_context.thread_type = "AUTO"  # whole-file decode: threads help here
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         decoded_pts = []
         width = height = 0
         try:
@@ -593,9 +792,9 @@ def probe_video(path) -> VideoProbe:
         container.close()
     if not decoded_pts:
         raise VideoDecodeError(path, "no frame could be decoded")
-    if reason is None and decoded_pts != index.pts:
+    if reason is None and decoded_pts != list(probe.pts):
         reason = "decoded timestamps differ from the packet index"
-    return VideoProbe(str(path), len(decoded_pts), fps, width, height, reason)
+    return VideoProbe(str(path), len(decoded_pts), probe.fps, width, height, reason)
 
 
 # --------------------------------------------------------------------------- writing

@@ -228,6 +228,7 @@ def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     from sdtl.data.corrupt import CorruptVideoTracker, check_failures
+    from sdtl.data.video_io import ProbeCache
     from sdtl.models.checkpoints import save_checkpoint
 
     resume_path, state = start_run(cfg, out_dir, resume, info, "finetune")
@@ -249,6 +250,11 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         if changed and info.is_main:
             log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
                         "; ".join(changed))
+        trained_with = state.get("decoder")
+        if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
+            log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "
+                        "to match, pass --set data.backend=%s", resume_path, trained_with,
+                        decoder_identity(cfg.data.backend), trained_with.split()[0])
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -266,6 +272,10 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend))
     dist_utils.barrier(info)
+    probe_index = ProbeCache(out_dir / "video_index.jsonl")  # each video probed once per run, by any worker
+    for ds in (train_ds, val_ds, test_ds):
+        if ds is not None:
+            ds.probe_cache = probe_index
 
     # Forgetting probe: reference features of the encoder fine-tuning starts from (+ retention probe).
     probe_path = out_dir / "probe.pt"
