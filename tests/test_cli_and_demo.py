@@ -53,6 +53,19 @@ def test_readme_drop_in_example_runs_and_distils():
     assert torch.isfinite(scope["loss"])
 
 
+def test_recipes_show_prints_only_a_loadable_yaml(capsys, tmp_path):
+    import yaml
+
+    from sdtl.engine.config import load_config
+
+    assert main(["recipes", "--show", "synthetic_small"]) == 0
+    out = capsys.readouterr().out
+    assert "ucf101_c3d_sd" not in out  # not the recipe list: `--show NAME > my.yaml` gives a config
+    (tmp_path / "my.yaml").write_text(out)
+    assert yaml.safe_load(out)["kind"] == "finetune"
+    assert load_config(str(tmp_path / "my.yaml"), kind="finetune").optim.name == "sgd"
+
+
 def test_recipes_lists_the_paper_setups(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import av
@@ -95,15 +96,24 @@ def test_videos_decode_with_expected_shape(tiny_dir: Path):
     assert np.abs(rendered - decoded).mean() < 6.0
 
 
-def test_generation_is_deterministic_and_force_replaces(tiny_dir: Path, tmp_path: Path):
-    again = tmp_path / "again"
-    again.mkdir()
-    (again / "stale.txt").write_text("left over from another run")
+def test_generation_is_deterministic_and_force_replaces_only_synth_output(tiny_dir: Path, tmp_path: Path):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
+    # --force on a folder sdtl did not write: refused, nothing deleted (it used to delete stale.txt)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "stale.txt").write_text("somebody else's file")
+    args = parser.parse_args(["synth", "--out", str(foreign), "--preset", "tiny", "--force"])
+    with pytest.raises(UserError, match="not a dataset written by `sdtl synth`.*nothing was deleted"):
+        args.func(args)
+    assert [p.name for p in foreign.iterdir()] == ["stale.txt"]
+    # --force on a folder sdtl synth wrote: replaced, byte-for-byte deterministic
+    again = tmp_path / "again"
+    shutil.copytree(tiny_dir, again)
+    (again / "videos" / "extra.avi").write_bytes(b"left over from an older generation")
     args = parser.parse_args(["synth", "--out", str(again), "--preset", "tiny", "--seed", "0", "--force"])
     assert args.func(args) == 0
-    assert not (again / "stale.txt").exists()
+    assert not (again / "videos" / "extra.avi").exists()
     assert _digests(again) == _digests(tiny_dir)  # byte-for-byte, every video and list
 
 

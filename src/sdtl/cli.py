@@ -85,16 +85,18 @@ def cmd_recipes(args) -> int:
     from sdtl.engine.config import list_recipes
 
     rows = list_recipes()
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        print(f"{r['name']:<{width}}  {r['kind']:<8}  {r['description']}")
-    if args.show:
+    if args.show:  # the YAML alone, so `sdtl recipes --show NAME > my.yaml` is a valid config
         from sdtl.engine.config import recipe_dir
 
         path = recipe_dir() / f"{args.show}.yaml"
         if not path.exists():
-            raise UserError(f"--show {args.show}: no such recipe; pick a name from the list above")
-        print(f"\n# {path}\n{path.read_text()}")
+            raise UserError(f"--show {args.show}: no such recipe; use one of: "
+                            f"{', '.join(r['name'] for r in rows)}")
+        sys.stdout.write(path.read_text())
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['kind']:<8}  {r['description']}")
     return 0
 
 

@@ -488,11 +488,25 @@ def _write(path: Path, frames: np.ndarray, preset: SyntheticPreset) -> None:
     write_video(path, frames, fps=preset.fps, codec=preset.codec, options=dict(ENCODER_OPTIONS))
 
 
+def written_by_synth(out_dir: Path) -> bool:
+    """True when ``out_dir`` is a dataset folder `sdtl synth` wrote (its meta.json says so)."""
+    try:
+        return json.loads((out_dir / "meta.json").read_text()).get("name") == "sdtl-synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory; pass another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"{out_dir}: directory is not empty; pass --force to replace it or choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UserError(f"{out_dir}: directory is not empty; pass --force to replace a dataset sdtl synth "
+                            f"wrote there, or choose another --out")
+        if not written_by_synth(out_dir):
+            # --force replaces only what `sdtl synth` wrote: never a folder of someone else's files.
+            raise UserError(f"--out {out_dir}: not a dataset written by `sdtl synth` (no sdtl meta.json), so "
+                            f"--force will not replace it; nothing was deleted. Choose another --out")
 
 
 def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: bool = False,
