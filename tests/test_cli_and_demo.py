@@ -119,3 +119,10 @@ def test_export_encoder_roundtrip(tiny_encoder, tmp_path, suffix):
     load_encoder_weights(enc, out, "r2plus1d_vcop")
     for key, value in enc.state_dict().items():
         assert torch.equal(value, source["encoder"][key]), key
+
+
+def test_export_never_overwrites_an_existing_file(tiny_encoder, tmp_path, capsys):
+    target = tmp_path / "thesis.pt"
+    target.write_bytes(b"not sdtl's")
+    assert main(["export", str(tiny_encoder), "--out", str(target)]) == 2
+    assert "already exists" in capsys.readouterr().err and target.read_bytes() == b"not sdtl's"

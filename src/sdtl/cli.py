@@ -39,13 +39,17 @@ def _load_run_config(args, kind: str):
     if args.deterministic:
         overrides.append("run.deterministic=true")
     source = args.config
-    if source is None:
-        existing = Path(args.out) / "config.yaml"
-        if args.resume and existing.exists():
-            source = str(existing)
-        else:
-            raise UserError("--config is required (a recipe from `sdtl recipes` or a YAML file); it may be "
-                            "left out only with --resume on a run directory that has config.yaml")
+    existing = Path(args.out) / "config.yaml"
+    if args.resume and existing.exists():
+        # The stored config is the run's identity: a resume continues it; only explicit --set /
+        # --deterministic change it (warned and recorded in OUT/config_changes.jsonl).
+        if source is not None and Path(source).resolve() != existing.resolve():
+            logging.getLogger("sdtl").warning("--config %s ignored: resuming %s with its own config.yaml "
+                                              "(change keys with --set)", source, args.out)
+        source = str(existing)
+    elif source is None:
+        raise UserError("--config is required (a recipe from `sdtl recipes` or a YAML file); it may be "
+                        "left out only with --resume on a run directory that has config.yaml")
     return cfgmod.load_config(source, overrides, kind=kind)
 
 
@@ -101,8 +105,12 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from pathlib import Path
+
     from sdtl.models import build_encoder, describe_checkpoint, export_encoder, load_encoder_weights
 
+    if Path(args.out).exists():  # never overwrite a file sdtl did not write
+        raise UserError(f"--out {args.out}: already exists; choose a new file name (export never overwrites)")
     info = describe_checkpoint(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     guess = info.get("arch_guess") or {}
     arch = args.arch or guess.get("arch")

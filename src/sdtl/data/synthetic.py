@@ -604,7 +604,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="generation seed (default: 0)")
     parser.add_argument("--pool-size", type=int, default=None,
                         help="render only the first N unlabelled pool videos (default: the preset's full pool)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace --out if it holds a dataset sdtl synth wrote (anything else is refused)")
     parser.set_defaults(func=run)
     return parser
 

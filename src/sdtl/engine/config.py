@@ -252,7 +252,25 @@ def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str
         raise UserError(f"--config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
                         f"run `sdtl {file_kind}` with it, or pick a {kind} recipe from `sdtl recipes`")
     merged = _merge(raw, parse_overrides(overrides))
-    return from_dict(KINDS[kind], merged, where="")
+    return absolute_paths(from_dict(KINDS[kind], merged, where=""))
+
+
+# Keys that name files or folders. Stored absolute: a run's config.yaml and checkpoints are read again
+# by `evaluate`, `--resume` and `sdtl demo` from other working directories.
+PATH_KEYS = ("data.root", "data.lists_dir", "data.list_file", "model.pretrained", "eval.retention")
+
+
+def absolute_paths(cfg):
+    """Make every path-valued key of ``cfg`` absolute (relative to the current directory), in place."""
+    import os
+
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        owner = getattr(cfg, section, None)
+        value = getattr(owner, key, None) if owner is not None else None
+        if isinstance(value, str) and value:
+            setattr(owner, key, os.path.abspath(os.path.expanduser(value)))
+    return cfg
 
 
 def config_from_dict(data: dict, kind: str = "finetune"):

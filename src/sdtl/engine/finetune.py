@@ -24,6 +24,7 @@ The same code runs under ``torchrun --nproc_per_node=N`` (DDP, one teacher per r
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -250,6 +251,9 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         if changed and info.is_main:
             log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
                         "; ".join(changed))
+            with open(out_dir / "config_changes.jsonl", "a") as fh:  # the run's history of its identity
+                fh.write(json.dumps({"resumed_from": str(resume_path), "epoch": state.get("epoch"),
+                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changed}) + "\n")
         trained_with = state.get("decoder")
         if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
             log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "

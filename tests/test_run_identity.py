@@ -1,0 +1,46 @@
+"""A run's stored config is its identity: resume keeps it, explicit changes are recorded; paths are
+stored absolute so a run can be resumed or evaluated from any directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+TINY = ["--set", "optim.epochs=1", "--set", "eval.probe_videos=0", "--set", "run.threads=1"]
+
+
+def _sdtl(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "sdtl", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_relative_paths_are_stored_absolute_and_resume_keeps_the_stored_config(tiny_synth, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(tiny_synth)
+    res = _sdtl("finetune", "--config", "synthetic_tiny", "--out", "run", "--deterministic",
+                "--set", "data.root=data", *TINY, cwd=work)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stored = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert stored["data"]["root"] == str(work / "data") and stored["run"]["deterministic"] is True
+    before = (work / "run" / "config.yaml").read_text()
+
+    # resume from another directory, naming the recipe again but not --deterministic: the stored
+    # config wins (it used to be rewritten with deterministic: false), nothing is recorded as changed
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    res = _sdtl("finetune", "--config", "synthetic_tiny", "--out", str(work / "run"), "--resume", "auto", cwd=other)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (work / "run" / "config.yaml").read_text() == before
+    assert not (work / "run" / "config_changes.jsonl").exists()
+
+    # an explicit --set on resume is applied, warned and recorded
+    res = _sdtl("finetune", "--out", str(work / "run"), "--resume", "auto", "--set", "optim.epochs=2", cwd=other)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "differs from the checkpoint" in res.stderr
+    changes = [json.loads(line) for line in (work / "run" / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["changes"] == ["optim.epochs: 1 -> 2"] and changes[-1]["epoch"] == 1
+    assert yaml.safe_load((work / "run" / "config.yaml").read_text())["run"]["deterministic"] is True
