@@ -393,3 +393,18 @@ def test_inspect_cli(release, tmp_path, capsys):
     assert args.func(args) == 1
     out = capsys.readouterr().out
     assert "arch guess:     r2plus1d_vcop (width=1.0)" in out and "loads into c3d: NO" in out and "epoch:" in out
+
+
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temp_when_the_writer_fails(tmp_path):
+    from sdtl.atomic import atomic_write, atomic_write_text
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

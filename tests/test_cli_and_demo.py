@@ -1,7 +1,6 @@
 """The command line, the README's drop-in example, and the demo orchestration."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys

@@ -28,11 +28,11 @@ import json
 import logging
 import math
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sdtl.atomic import atomic_copy, atomic_savefig, atomic_write_text
 from sdtl.errors import UserError
 from sdtl.stats import describe_difference, mean_std, paired_difference
 
@@ -87,12 +87,6 @@ class RunSpec:
     weight: float
     lr: float | None = None
     overrides: list[str] = field(default_factory=list)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from sdtl.models.checkpoints import _atomic_write
-
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _marker(out: Path) -> Path:
@@ -187,8 +181,7 @@ def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
         encoder = enc_dir / "encoder.pt"
         if not encoder.exists():
             src = demo_encoder()  # checks the sha256
-            shutil.copyfile(src, enc_dir / "encoder.pt.tmp")
-            (enc_dir / "encoder.pt.tmp").replace(encoder)
+            atomic_copy(src, encoder)
         elif sha256_file(encoder) != shipped_info["sha256"]:
             raise UserError(f"{encoder}: is not the shipped demo encoder (sha256 differs); use a new --out")
         retention = _retention_probe_for(encoder, data, plan, enc_dir / "retention_probe.pt")
@@ -452,9 +445,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def plot_summary(summary: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdtl.atomic import atomic_savefig, atomic_write_text
 from sdtl.engine.distributed import DistInfo, all_gather_objects
 
 
@@ -169,12 +170,10 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename) so a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically so a killed run never leaves half a file."""
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtl.atomic import atomic_copy
 from sdtl.data.video_io import decoder_identity
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
@@ -351,7 +351,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
                                           run_log.history, best, probe)
             save_checkpoint(payload, last_path)
             if improved:
-                _atomic_copy(last_path, ckpt_dir / "best.pt")
+                atomic_copy(last_path, ckpt_dir / "best.pt")
             _log_epoch_line(record, cfg)
         dist_utils.barrier(info)
     run_log.close()
@@ -363,12 +363,6 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     if info.is_main and results is not None:
         check_failures(results.pop("_failed"), skip=cfg.eval.skip_corrupt)
     return results if info.is_main else None
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict, counts: dict | None = None) -> dict | None:

@@ -13,6 +13,8 @@ import math
 import time
 from pathlib import Path
 
+from sdtl.atomic import atomic_savefig, atomic_write_text
+
 
 class RunLog:
     PLOT_EVERY_S = 20.0
@@ -33,10 +35,7 @@ class RunLog:
             self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=(self.history[-1]["epoch"] + 1) if self.history else 0)
 
     def _rewrite(self) -> None:
-        path = self.out_dir / "metrics.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(path)
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def log_epoch(self, record: dict) -> None:
         self.history.append(record)
@@ -94,7 +93,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)

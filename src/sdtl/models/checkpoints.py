@@ -38,7 +38,6 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import struct
 import warnings
 import zipfile
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtl.atomic import atomic_write
 from sdtl.errors import UserError
 from sdtl.models.classifier import ARCHS, VideoClassifier, arch_option_names, build_encoder, build_model
 
@@ -548,38 +548,8 @@ def _check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Write via ``write(tmp_path)`` to a temp file in ``path``'s folder, fsync it, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+# The write-to-temp, fsync, rename pattern lives in sdtl.atomic (shared by every writer of run files).
+_atomic_write = atomic_write
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
