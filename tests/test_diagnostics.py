@@ -122,3 +122,31 @@ def test_retention_probe_file_errors_name_the_config_key(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a retention probe"):
         RetentionProbe.load(tmp_path / "other.pt")
+
+
+def test_curves_draw_only_panels_with_data(tmp_path):
+    """Pre-training has no validation or forgetting numbers: its curves.png used to show empty panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdtl.engine import reporting
+
+    drawn = []
+    real = plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        drawn.append(axes)
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 20.0 + e, "lr": 0.1} for e in (1, 2, 3)]
+        reporting.plot_curves(history, tmp_path / "curves.png")
+    finally:
+        plt.subplots = real
+    titles = [ax.get_title() for ax in drawn[0][0]]
+    assert titles == ["training loss", "pretext accuracy (%)", "learning rate"]
+    assert all(ax.lines for ax in drawn[0][0]) and (tmp_path / "curves.png").is_file()

@@ -66,7 +66,7 @@ class RunLog:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    if not history:
+    if not history or not any(_is_number(v) for r in history for k, v in r.items() if k != "epoch"):
         return
     import matplotlib
 
@@ -76,22 +76,28 @@ def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [r["epoch"] for r in history]
     panels = [
         ("training loss", ["train_loss", "train_ce", "train_sd"]),
+        ("pretext accuracy (%)", ["train_acc"]),  # pre-training runs
         ("validation accuracy (%)", ["val_video_acc1", "val_clip_acc1"]),
         ("forgetting (relative drift)", ["feat_drift", "epoch_drift", "param_drift"]),
         ("pre-trained skill kept (%)", ["retention_acc"]),
         ("learning rate", ["lr"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (title, keys) in zip(axes, panels):
+    series = {key: [(e, r[key]) for e, r in zip(epochs, history) if _is_number(r.get(key))]
+              for _, keys in panels for key in keys}
+    panels = [(title, [k for k in keys if series[k]]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]  # every panel drawn has data
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
-            pts = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=key)
+            ax.plot(*zip(*series[key]), marker="o", ms=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
