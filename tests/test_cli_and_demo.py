@@ -125,3 +125,11 @@ def test_export_never_overwrites_an_existing_file(tiny_encoder, tmp_path, capsys
     target.write_bytes(b"not sdtl's")
     assert main(["export", str(tiny_encoder), "--out", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err and target.read_bytes() == b"not sdtl's"
+
+
+def test_finetune_hints_name_options_that_finetune_has(tmp_path, capsys):
+    """`finetune` said "check --root", an option it does not have."""
+    code = main(["finetune", "--config", "synthetic_tiny", "--out", str(tmp_path / "run"),
+                 "--set", f"data.root={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--set data.root=" in err

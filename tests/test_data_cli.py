@@ -89,7 +89,7 @@ def test_check_on_a_wrong_root_says_so(tmp_path, capsys):
                                                                           "Archery")]
     problem = D.root_problem(root, entries, entries)
     assert problem["suggested_root"] == str(tmp_path / "UCF-101")
-    assert f"did you mean --root {tmp_path / 'UCF-101'}?" in D.describe_root_problem(problem)
+    assert f"did you mean the root {tmp_path / 'UCF-101'}" in D.describe_root_problem(problem)
 
 
 def test_check_flags_a_root_missing_most_videos(small_ucf, tmp_path, capsys):

@@ -47,6 +47,9 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".m
                     ".ogv", ".3gp", ".ts", ".mts", ".vob")
 
 
+# Datasets are opened by `sdtl data` (flag --root) and by runs (config key data.root): every hint names both.
+ROOT_OPTION = "the dataset root (--root for `sdtl data`, --set data.root=DIR for finetune/pretrain/evaluate)"
+
 @dataclass(frozen=True)
 class VideoRecord:
     """One labelled video. ``name`` is the path as written in the list (stable across transcoding)."""
@@ -143,12 +146,12 @@ class _DirIndex:
 
 def _check_root(root) -> Path:
     if root is None or str(root) == "":
-        raise UserError("dataset root not given; pass --root <folder holding the class folders>")
+        raise UserError(f"dataset root not given; set {ROOT_OPTION} to the folder holding the class folders")
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"{root}: dataset root does not exist; check --root")
+        raise UserError(f"{root}: dataset root does not exist; check {ROOT_OPTION}")
     if not root.is_dir():
-        raise UserError(f"{root}: dataset root is not a folder; check --root")
+        raise UserError(f"{root}: dataset root is not a folder; check {ROOT_OPTION}")
     return root
 
 
@@ -208,8 +211,8 @@ def describe_root_problem(problem: dict) -> str:
     text = (f"the dataset root looks wrong: {what}; they were expected at {', '.join(problem['expected_at'])}{more}"
             f"; {root} holds {holds}")
     if problem["suggested_root"]:
-        return f"{text}; did you mean --root {problem['suggested_root']}?"
-    return f"{text}; --root must be the folder holding the class folders"
+        return f"{text}; did you mean the root {problem['suggested_root']} ({ROOT_OPTION})?"
+    return f"{text}; {ROOT_OPTION} must be the folder holding the class folders"
 
 
 def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str) -> list[VideoRecord]:
@@ -225,7 +228,7 @@ def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str)
             example = entries[0].relpath if entries else "?"
             problem = root_problem(root, entries, missing)
             hint = (describe_root_problem(problem) if problem else
-                    "--root must be the folder holding the class folders")
+                    f"{ROOT_OPTION} must be the folder holding the class folders")
             raise UserError(f"{root}: none of the {len(entries)} {what} videos named in {source} is there "
                             f"(e.g. {example}); {hint}")
         msg = (f"{root}: {len(missing)} of {len(entries)} {what} videos named in {source} are missing "
@@ -259,7 +262,7 @@ def _synthetic(root: Path, split: int, lists_dir):
     split = S.check_split(split, (1,), "the synthetic dataset")
     lists = Path(lists_dir).expanduser() if lists_dir is not None else root / "lists"
     if not (lists / "classInd.txt").is_file():
-        raise UserError(f"{lists}: no classInd.txt; --root must be the folder `sdtl synth` wrote "
+        raise UserError(f"{lists}: no classInd.txt; {ROOT_OPTION} must be the folder `sdtl synth` wrote "
                         f"(holding videos/ and lists/)")
     classes, train, test = S.read_ucf101_split(lists, split)
     return classes, {"train": train, "test": test}, _check_root(root / "videos")

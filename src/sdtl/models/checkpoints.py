@@ -175,8 +175,9 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
             raise UserError(
                 f"{path}: refused to load: {why}, so reading it needs full unpickling, which can run "
                 "arbitrary code (sdtl loads checkpoints with torch.load(weights_only=True) only); if you "
-                "trust where this file came from, pass --allow-unsafe-pickle (Python: "
-                "allow_unsafe_pickle=True), or re-save its tensors as a plain state dict or .safetensors"
+                "trust where this file came from, allow it: `--allow-unsafe-pickle` for sdtl inspect/export/evaluate, "
+                "`--set model.allow_unsafe_pickle=true` for sdtl finetune/pretrain (Python: "
+                "allow_unsafe_pickle=True); or re-save its tensors as a plain state dict or .safetensors"
             ) from exc
         warnings.warn(
             f"{path}: loading with FULL UNPICKLING (weights_only=False) because --allow-unsafe-pickle "
