@@ -44,3 +44,11 @@ def test_relative_paths_are_stored_absolute_and_resume_keeps_the_stored_config(t
     changes = [json.loads(line) for line in (work / "run" / "config_changes.jsonl").read_text().splitlines()]
     assert changes[-1]["changes"] == ["optim.epochs: 1 -> 2"] and changes[-1]["epoch"] == 1
     assert yaml.safe_load((work / "run" / "config.yaml").read_text())["run"]["deterministic"] is True
+
+
+def test_train_log_keeps_the_console_lines(tiny_synth, tmp_path):
+    res = _sdtl("finetune", "--config", "synthetic_tiny", "--out", "run", "--set", f"data.root={tiny_synth}",
+                "--set", "optim.epochs=2", "--set", "run.threads=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "eta=" in log and "test (selected" in log

@@ -59,8 +59,14 @@ def make_eval_loader(dataset, clips_per_forward: int, info: DistInfo, workers: i
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward: int = 16,
-             amp_dtype: torch.dtype | None = None) -> EvalOutput:
-    """Run ``model`` over a test-mode loader and compute all metrics (gathered over ranks)."""
+             amp_dtype: torch.dtype | None = None, desc: str | None = None) -> EvalOutput:
+    """Run ``model`` over a test-mode loader and compute all metrics (gathered over ranks).
+
+    ``desc``: show a progress bar with ETA (rank 0) under that name, e.g. "validation", "test".
+    """
+    from sdtl.engine.training import progress
+
+    bar = progress(len(loader), desc or "", info.is_main and desc is not None)
     was_training = model.training
     model.eval()
     device = info.device
@@ -71,6 +77,7 @@ def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward:
     failed: list = []
     k5 = min(5, num_classes)
     for batch in loader:
+        bar.update(1)
         failed.extend(batch.get("failed", []))
         videos = batch["video"]
         if videos.shape[0] == 0:
@@ -95,6 +102,7 @@ def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward:
     if was_training:
         model.train()
 
+    bar.close()
     shards = all_gather_objects(info, (video_sum, video_label, clip_top1, clip_top5, clip_count,
                                        clip_loss, failed))
     video_sum, video_label, failed = {}, {}, []

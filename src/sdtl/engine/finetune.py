@@ -323,6 +323,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
             seed_everything(cfg.run.seed + info.rank + 1000003 * state["epoch"])
     last_path = ckpt_dir / "last.pt"
     dtype = amp_dtype(cfg.optim.amp, info.device)
+    run_clock = time.perf_counter()
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -336,7 +337,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         scheduler.step()
         is_last = epoch == cfg.optim.epochs
         if val_loader is not None and (epoch % cfg.eval.every == 0 or is_last):
-            val = evaluate(model, val_loader, len(classes), info, eval_bs, dtype)
+            val = evaluate(model, val_loader, len(classes), info, eval_bs, dtype,
+                           desc=f"validation {epoch}" if cfg.run.progress else None)
             record.update({f"val_{k}": v for k, v in val.metrics.items() if k != "per_class_acc"})
         if probe is not None:
             record.update(probe.measure(model.encoder, info.device))
@@ -352,7 +354,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
             save_checkpoint(payload, last_path)
             if improved:
                 atomic_copy(last_path, ckpt_dir / "best.pt")
-            _log_epoch_line(record, cfg)
+            done = epoch - start_epoch + 1  # epochs of this process, validation and probes included
+            _log_epoch_line(record, cfg, eta_s=(time.perf_counter() - run_clock) / done * (cfg.optim.epochs - epoch))
         dist_utils.barrier(info)
     run_log.close()
 
@@ -384,7 +387,8 @@ def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict, co
             continue
         model.load_state_dict(state["model"])
         t0 = time.perf_counter()
-        outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype), state["epoch"], path,
+        outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype,
+                                 desc=f"test ({tag} checkpoint)" if cfg.run.progress else None), state["epoch"], path,
                         time.perf_counter() - t0)
     if "selected" not in outputs:
         outputs["selected"] = outputs["last"]
@@ -449,9 +453,12 @@ def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_repor
              f" | resumed from {resume_path}" if resume_path else "")
 
 
-def _log_epoch_line(record: dict, cfg) -> None:
-    keys = ["train_loss", "train_ce", "train_sd", "val_video_acc1", "feat_drift", "clips_per_s", "data_wait"]
+def _log_epoch_line(record: dict, cfg, eta_s: float | None = None) -> None:
+    keys = ["train_loss", "train_ce", "train_sd", "val_video_acc1", "feat_drift", "retention_acc", "clips_per_s",
+            "data_wait"]
     parts = [f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))]
+    if eta_s is not None:  # the final test is not included
+        parts.append(f"eta={int(eta_s // 60)}m{int(eta_s % 60):02d}s")
     log.info("epoch %d/%d %s", record["epoch"], cfg.optim.epochs, " ".join(parts))
 
 
@@ -495,7 +502,8 @@ def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pick
         eval_bs = cfg.eval.batch_size or cfg.data.batch_size
         loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
         t0 = time.perf_counter()
-        out = evaluate(model, loader, len(classes), info, eval_bs, amp_dtype(cfg.optim.amp, info.device))
+        out = evaluate(model, loader, len(classes), info, eval_bs, amp_dtype(cfg.optim.amp, info.device),
+                       desc="test" if cfg.run.progress else None)
         elapsed = time.perf_counter() - t0
         if not info.is_main:
             return {}

@@ -5,6 +5,7 @@ the run-directory rules (never overwrite a run silently), and the per-epoch prog
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -28,7 +29,7 @@ def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
     """
     last = out_dir / "checkpoints" / "last.pt"
     if resume is None:
-        if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        if out_dir.exists() and any(p.name not in (LOCK_NAME, "train.log") for p in out_dir.iterdir()):
             what = "a run" if (out_dir / "config.yaml").exists() or last.exists() else "files"
             raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
                             f"or choose a new --out directory")
@@ -67,10 +68,28 @@ def run_in_process_group(cfg, body, out_dir, resume):
         if not info.is_main:  # rank 0 holds the run directory for the whole process group
             return body(cfg, Path(out_dir), resume, info)
         resolve_resume(Path(out_dir), resume)  # refuse a foreign folder before writing a lock file into it
-        with RunLock(out_dir, kind_of(cfg)):
+        with RunLock(out_dir, kind_of(cfg)), console_log_to(Path(out_dir) / "train.log"):
             return body(cfg, Path(out_dir), resume, info)
     finally:
         dist_utils.teardown()
+
+
+@contextlib.contextmanager
+def console_log_to(path: Path):
+    """Copy everything sdtl logs (the console's epoch lines, warnings, the final test) into ``path``,
+    appended, so a resumed run's log continues the first one's."""
+    import logging
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("sdtl")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def kind_of(cfg) -> str:
