@@ -133,3 +133,13 @@ def test_finetune_hints_name_options_that_finetune_has(tmp_path, capsys):
                  "--set", f"data.root={tmp_path / 'nowhere'}"])
     err = capsys.readouterr().err
     assert code == 2 and "--set data.root=" in err
+
+
+@pytest.mark.parametrize("cmd", ["finetune", "pretrain", "evaluate"])
+def test_run_commands_have_a_description_and_their_own_example(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert f"example: sdtl {cmd}" in out or (cmd == "pretrain" and "sdtl pretrain --config" in out)
+    if cmd == "pretrain":
+        assert "regularizer.weight" not in out  # no fine-tuning example in pre-training's help

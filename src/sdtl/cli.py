@@ -21,8 +21,9 @@ def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
                         f"(then the run's own config.yaml is used)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new unless --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=0.01 --set regularizer.weight=100 "
-                        "(repeatable)")
+                   help="override a config key (repeatable), e.g. " + (
+                       "--set optim.lr=0.01 --set regularizer.weight=100" if kind == "finetune" else
+                       "--set optim.epochs=40 --set task.strides=[1,2,4,8]"))
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue a run: 'auto' = DIR/checkpoints/last.pt if present, else start fresh; "
                         "or a checkpoint path")
@@ -139,11 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("finetune", help="fine-tune an encoder (optionally with self-distillation)")
+    p = sub.add_parser(
+        "finetune", help="fine-tune an encoder (optionally with self-distillation)",
+        description="Fine-tune a pre-trained (or random) encoder plus a linear head on labelled videos, "
+                    "with the paper's self-distillation regularizer when regularizer.weight > 0. Selects the "
+                    "checkpoint on a validation part of the training list, tests the selected and the last "
+                    "one with the multi-clip protocol, and writes config.yaml, metrics.jsonl, train.log, "
+                    "curves.png, checkpoints/, results.json into --out.",
+        epilog="example: sdtl finetune --config ucf101_r21d_sd --out runs/r21d --set data.root=/data/UCF101 "
+               "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
     _add_run_args(p, "finetune")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="multi-clip test of a fine-tuned checkpoint")
+    p = sub.add_parser("evaluate", help="multi-clip test of a fine-tuned checkpoint",
+                       description="Test a checkpoint written by `sdtl finetune` with the protocol and dataset "
+                                   "recorded in it (override any key with --set); writes results.json and "
+                                   "confusion.png into --out.",
+                       epilog="example: sdtl evaluate --checkpoint runs/r21d/checkpoints/best.pt --out runs/r21d/eval "
+                              "--set eval.crops=3")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="an sdtl fine-tuning checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="where results.json and confusion.png go")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -153,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)")
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)",
+                       description="Pre-train an encoder on unlabelled videos by predicting the playback speed "
+                                   "(frame stride) of clips; writes checkpoints/encoder.pt (encoder + pretext "
+                                   "head) and retention_probe.pt (for fine-tuning's eval.retention) into --out.",
+                       epilog="example: sdtl synth --out synth && sdtl pretrain --config synthetic_pretrain "
+                              "--out runs/pre --set data.root=synth")
     _add_run_args(p, "pretrain")
     p.set_defaults(func=cmd_pretrain)
 
