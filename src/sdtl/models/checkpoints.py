@@ -406,7 +406,10 @@ def _check_fit(state: dict[str, Any], module: nn.Module, *, source: str, fmt: st
             parts.append(f"{len(mismatched)} shape-mismatched key(s): {_listing(shown)}")
         guess = guess_arch(state)
         if guess is not None:
-            parts.append(f"the weights look like arch {_format_arch(*guess)}")
+            sets = " ".join([f"--set model.arch={guess[0]}"] +
+                            [f"--set model.{k}={v}" for k, v in sorted(guess[1].items())])
+            parts.append(f"the weights look like arch {_format_arch(*guess)}: use it with `{sets}` "
+                         f"(finetune/pretrain) or `--arch {guess[0]}` (inspect/export)")
         if hint:
             parts.append(hint)
         raise UserError("; ".join(parts))
