@@ -68,10 +68,25 @@ def run_in_process_group(cfg, body, out_dir, resume):
         if not info.is_main:  # rank 0 holds the run directory for the whole process group
             return body(cfg, Path(out_dir), resume, info)
         resolve_resume(Path(out_dir), resume)  # refuse a foreign folder before writing a lock file into it
-        with RunLock(out_dir, kind_of(cfg)), console_log_to(Path(out_dir) / "train.log"):
-            return body(cfg, Path(out_dir), resume, info)
+        created = not Path(out_dir).exists()
+        try:
+            with RunLock(out_dir, kind_of(cfg)), console_log_to(Path(out_dir) / "train.log"):
+                return body(cfg, Path(out_dir), resume, info)
+        except UserError:
+            if created:
+                _remove_if_only_bookkeeping(Path(out_dir))  # bad input writes nothing
+            raise
     finally:
         dist_utils.teardown()
+
+
+def _remove_if_only_bookkeeping(out_dir: Path) -> None:
+    """Remove a run folder this process created if it holds nothing but the lock and train.log."""
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
+    if names <= {LOCK_NAME, "train.log"}:
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
+        out_dir.rmdir()
 
 
 @contextlib.contextmanager
