@@ -143,3 +143,22 @@ def test_run_commands_have_a_description_and_their_own_example(cmd, capsys):
     assert f"example: sdtl {cmd}" in out or (cmd == "pretrain" and "sdtl pretrain --config" in out)
     if cmd == "pretrain":
         assert "regularizer.weight" not in out  # no fine-tuning example in pre-training's help
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`sdtl --help` took 4-5 s: every command imported torch just to build its parser."""
+    code = ("import sys\nfrom sdtl.cli import main\n"
+            "for argv in (['--help'], ['finetune', '--help'], ['data', 'check', '--help'], ['inspect', '--help'],\n"
+            "             ['finetune', '--no-such-flag']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'av', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_light_name_lists_match_the_real_registries():
+    from sdtl.data import DATASET_NAMES
+    from sdtl.data.datasets import BUILDERS
+    from sdtl.models import ARCH_NAMES, list_archs
+
+    assert sorted(DATASET_NAMES) == sorted(BUILDERS) and sorted(ARCH_NAMES) == sorted(list_archs())

@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from sdtl.data import DATASET_NAMES
 
-from sdtl.data import datasets as D
-from sdtl.data.sampling import sample_train_clip
-from sdtl.data.video_io import (VideoDecodeError, available_backends, backend_report, open_video, probe_file,
-                                probe_video)
+# torch, PyAV and the dataset code are imported inside the functions that use them: registering the
+# subcommands (every `sdtl ...` call, `--help` included) must not pay torch's import time.
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset parameters")
-    g.add_argument("--dataset", required=True, choices=sorted(D.BUILDERS),
+    g.add_argument("--dataset", required=True, choices=sorted(DATASET_NAMES),
                    help="dataset layout: ucf101, hmdb51 (official lists shipped), folder (<root>/<class>/"
                         "<video>), csv (train.csv/test.csv), synthetic (what `sdtl synth` wrote)")
     g.add_argument("--root", required=True, help="dataset root (the folder holding the class folders)")
@@ -88,6 +86,10 @@ def register(subparsers) -> None:
 # --------------------------------------------------------------------------- check
 
 def _probe_one(path: str) -> dict:
+    import torch
+
+    from sdtl.data.video_io import VideoDecodeError, probe_video
+
     torch.set_num_threads(1)
     try:
         probe = probe_video(path)
@@ -107,6 +109,9 @@ def decode_all(paths: list[str], workers: int) -> list[dict]:
 def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool = False,
                   workers: int = 1) -> dict:
     """The report of ``sdtl data check`` as a dict (also its ``--json`` output)."""
+    from sdtl.data import datasets as D
+    from sdtl.data.video_io import backend_report
+
     classes, subsets, files_root = D.read_lists(name, root, split, lists_dir)
     report = {"dataset": name, "root": str(root), "split": split, "classes": len(classes),
               "class_names": classes}
@@ -137,6 +142,8 @@ def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool 
 
 
 def _print_check(rep: dict) -> None:
+    from sdtl.data import datasets as D
+
     print(f"dataset {rep['dataset']} (split {rep['split']}) at {rep['root']}")
     print(f"  classes: {rep['classes']}")
     print(f"  train:   {rep['train']} videos")
@@ -182,6 +189,11 @@ def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: 
     Every file is probed before the clock starts, as a run probes each file once (its
     ``video_index.jsonl``): what is measured is the per-clip cost of the rest of a run.
     """
+    import torch
+
+    from sdtl.data.sampling import sample_train_clip
+    from sdtl.data.video_io import VideoDecodeError, open_video, probe_file
+
     for r in records[:clips]:
         try:
             probe_file(r.path)
@@ -197,6 +209,8 @@ def measure_decode(records, backend: str, clips: int, clip_len: int = 16, seed: 
 
 def measure_dataset(dataset, clips: int) -> float:
     """Clips/s of ``dataset[i]`` (decode + transforms) in this process, on one thread like a worker."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run single-threaded; measure the same thing
     try:
@@ -212,6 +226,10 @@ def measure_dataset(dataset, clips: int) -> float:
 
 def measure_loader(dataset, clips: int, workers: int, batch_size: int) -> float:
     """Steady-state clips/s of a DataLoader (worker start-up and the first batch not counted)."""
+    import torch
+
+    from sdtl.data import datasets as D
+
     n_items = max(clips, 2 * batch_size * max(workers, 1))
     sampler = [i % len(dataset) for i in range(n_items + batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -228,6 +246,9 @@ def measure_loader(dataset, clips: int, workers: int, batch_size: int) -> float:
 def bench_dataset(name: str, root, split: int = 1, lists_dir=None, subset: str = "train", clips: int = 64,
                   workers: int = 2, batch_size: int = 8, clip_len: int = 16, size: int = 112,
                   backends=None, stride: int = 1) -> dict:
+    from sdtl.data import datasets as D
+    from sdtl.data.video_io import available_backends, backend_report
+
     t0 = time.perf_counter()
     records, classes = D.list_records(name, root, split, subset, lists_dir, on_missing="skip")
     construct = time.perf_counter() - t0
@@ -250,6 +271,8 @@ def bench_dataset(name: str, root, split: int = 1, lists_dir=None, subset: str =
 
 
 def _count_torchcodec_files(records) -> str:
+    from sdtl.data.video_io import VideoDecodeError, open_video
+
     own = 0
     for r in records:
         try:

@@ -102,6 +102,7 @@ class PretextClipDataset(torch.utils.data.Dataset):
         self.backend = backend
         self.seed = seed
         self.epoch = 0
+        self.probe_cache = None  # the run's ProbeCache (video_index.jsonl): each video probed once per run
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -119,7 +120,7 @@ class PretextClipDataset(torch.utils.data.Dataset):
         for _attempt in range(10):
             path = self.paths[index]
             try:
-                with open_video(path, self.backend) as reader:
+                with open_video(path, self.backend, self.probe_cache) as reader:
                     indices, target = self.task.sample(reader.num_frames, g)
                     frames = reader.get_frames(indices)
                 video = train_transform(frames, self.size, generator=g, scale=self.crop_area)
@@ -171,6 +172,9 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         history, start_epoch = list(state["history"]), state["epoch"] + 1
 
     ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area))
+    from sdtl.data.video_io import ProbeCache
+
+    ds.probe_cache = ProbeCache(out_dir / "video_index.jsonl")
     sampler, loader = make_train_loader(ds, cfg.data, info, cfg.run.seed)
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:

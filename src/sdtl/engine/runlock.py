@@ -2,7 +2,7 @@
 
 Two ``sdtl finetune --out R --resume auto`` started side by side both trained R and wrote every epoch
 of ``metrics.jsonl`` twice. Every command that writes a run directory (``finetune``, ``pretrain``,
-``evaluate``, ``demo``) holds :class:`RunLock` on it: an exclusive ``flock`` on ``R/.sdtl.lock``.
+``evaluate``, ``demo``) holds :class:`RunLock` on it: an exclusive POSIX lock (``lockf``) on ``R/.sdtl.lock``.
 The kernel releases the lock when the process ends however it ends (kill -9 included), so a stale
 lock file never blocks anything; the PID and command written into it only say who holds it.
 """
@@ -32,8 +32,11 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock(): DataLoader workers are forked with the descriptor, and a
+            # flock() would stay held by them after the trainer is killed; lockf locks belong to the
+            # process alone and end with it.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = _read_holder(fd)
             os.close(fd)
             raise UserError(f"--out {self.path.parent}: in use by another sdtl process (PID {holder.get('pid', '?')}"
@@ -47,7 +50,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 

@@ -21,7 +21,7 @@ from sdtl.errors import RunFailed, UserError
 
 
 # ------------------------------------------------------------------------------- run directory
-def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
+def resolve_resume(out_dir: Path, resume: str | None, is_main: bool = True) -> Path | None:
     """Decide which checkpoint to resume from, refusing to touch an existing run unasked.
 
     ``resume=None``: ``out_dir`` must not hold a run (or anything else). ``"auto"``: resume from
@@ -29,7 +29,8 @@ def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
     """
     last = out_dir / "checkpoints" / "last.pt"
     if resume is None:
-        if out_dir.exists() and any(p.name not in (LOCK_NAME, "train.log") for p in out_dir.iterdir()):
+        # Only rank 0 judges the folder: by the time another rank looks, rank 0 may have written in it.
+        if is_main and out_dir.exists() and any(p.name not in (LOCK_NAME, "train.log") for p in out_dir.iterdir()):
             what = "a run" if (out_dir / "config.yaml").exists() or last.exists() else "files"
             raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
                             f"or choose a new --out directory")
@@ -49,7 +50,7 @@ def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[
 
     configure_determinism(cfg.run.deterministic, cfg.run.threads)
     amp_dtype(cfg.optim.amp, info.device)  # fail early on CPU + AMP
-    resume_path = resolve_resume(out_dir, resume)
+    resume_path = resolve_resume(out_dir, resume, info.is_main)
     state = safe_load(resume_path) if resume_path else None
     if state is not None and state.get("sdtl_format") != kind:
         raise UserError(f"--resume {resume_path}: not an sdtl {kind} checkpoint (format "

@@ -7,23 +7,31 @@
 """
 from __future__ import annotations
 
-from sdtl.models.c3d import C3D
-from sdtl.models.checkpoints import (
-    LoadReport,
-    build_model_from_checkpoint,
-    describe_checkpoint,
-    detect_format,
-    export_encoder,
-    extract_backbone_state,
-    load_encoder_weights,
-    safe_load,
-    save_checkpoint,
-)
-from sdtl.models.classifier import ARCHS, VideoClassifier, build_encoder, build_model, list_archs
-from sdtl.models.r2plus1d_vcop import R2Plus1DVCOP
-from sdtl.models.torchvision_video import TorchvisionVideoEncoder
+import importlib
+
+# Arch names a config or CLI may use (sdtl.models.classifier.ARCHS builds them; a test keeps the two
+# equal). Here so that `sdtl --help` can list them without importing torch.
+ARCH_NAMES = ("c3d", "r2plus1d_vcop", "r2plus1d_18", "r3d_18", "mc3_18")
+
+_WHERE = {
+    "C3D": "c3d", "R2Plus1DVCOP": "r2plus1d_vcop", "TorchvisionVideoEncoder": "torchvision_video",
+    "ARCHS": "classifier", "VideoClassifier": "classifier", "build_encoder": "classifier",
+    "build_model": "classifier", "list_archs": "classifier",
+    **{name: "checkpoints" for name in ("LoadReport", "build_model_from_checkpoint", "describe_checkpoint",
+                                        "detect_format", "export_encoder", "extract_backbone_state",
+                                        "load_encoder_weights", "safe_load", "save_checkpoint")},
+}
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `sdtl --help` does not import torch.
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"sdtl.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'sdtl.models' has no attribute {name!r}")
+
 
 __all__ = [
+    "ARCH_NAMES",
     "ARCHS",
     "C3D",
     "LoadReport",

@@ -10,8 +10,7 @@ import argparse
 import json
 import warnings
 
-from sdtl.models.checkpoints import UnsafePickleWarning, describe_checkpoint
-from sdtl.models.classifier import list_archs
+from sdtl.models import ARCH_NAMES
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +23,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "whether its encoder weights load strictly into that arch. Loads with torch.load(weights_only=True).",
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (.pth, .pth.tar, .pt, .safetensors)")
-    parser.add_argument("--arch", choices=sorted(list_archs()), help="check that the encoder weights load into this arch")
+    parser.add_argument("--arch", choices=sorted(ARCH_NAMES), help="check that the encoder weights load into this arch")
     parser.add_argument(
         "--allow-unsafe-pickle",
         action="store_true",
@@ -76,6 +75,8 @@ def format_description(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sdtl.models.checkpoints import UnsafePickleWarning, describe_checkpoint
+
     """Print the description; 1 if ``--arch`` was given and the weights do not fit it."""
     with warnings.catch_warnings():
         # The warning must be seen every time the flag is used, not once per process.
