@@ -110,10 +110,14 @@ def test_generation_is_deterministic_and_force_replaces_only_synth_output(tiny_d
     # --force on a folder sdtl synth wrote: replaced, byte-for-byte deterministic
     again = tmp_path / "again"
     shutil.copytree(tiny_dir, again)
-    (again / "videos" / "extra.avi").write_bytes(b"left over from an older generation")
+    # ... but not over a file synth did not write inside it (named by neither meta.json nor the lists)
+    (again / "videos" / "extra.avi").write_bytes(b"a clip the user added")
     args = parser.parse_args(["synth", "--out", str(again), "--preset", "tiny", "--seed", "0", "--force"])
+    with pytest.raises(UserError, match=r"also holds files synth did not write \(videos/extra.avi\).*nothing was deleted"):
+        args.func(args)
+    assert (again / "videos" / "extra.avi").read_bytes() == b"a clip the user added"
+    (again / "videos" / "extra.avi").unlink()
     assert args.func(args) == 0
-    assert not (again / "videos" / "extra.avi").exists()
     assert _digests(again) == _digests(tiny_dir)  # byte-for-byte, every video and list
 
 

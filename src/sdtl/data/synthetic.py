@@ -500,6 +500,26 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             # --force replaces only what `sdtl synth` wrote: never a folder of someone else's files.
             raise UserError(f"--out {out_dir}: not a dataset written by `sdtl synth` (no sdtl meta.json), so "
                             f"--force will not replace it; nothing was deleted. Choose another --out")
+        foreign = _files_synth_did_not_write(out_dir)
+        if foreign:
+            raise UserError(f"--out {out_dir}: an `sdtl synth` dataset, but it also holds files synth did not "
+                            f"write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so --force "
+                            f"will not replace it; nothing was deleted. Move them out, or choose another --out")
+
+
+def _files_synth_did_not_write(out_dir: Path) -> list[str]:
+    """Files under a synth dataset that neither its meta.json nor its lists name (a user's additions)."""
+    lists = out_dir / "lists"
+    own = {"meta.json", *(f"lists/{n}" for n in ("classInd.txt", "trainlist01.txt", "testlist01.txt",
+                                                  "unlabelled.txt"))}
+    for name, prefix in (("trainlist01.txt", "videos/"), ("testlist01.txt", "videos/"), ("unlabelled.txt", "")):
+        try:
+            lines = (lists / name).read_text().splitlines()
+        except OSError:
+            continue
+        own.update(prefix + line.split()[0] for line in lines if line.strip())
+    found = (p for p in out_dir.rglob("*") if p.is_symlink() or not p.is_dir())
+    return sorted(rel for rel in (p.relative_to(out_dir).as_posix() for p in found) if rel not in own)
 
 
 def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: bool = False,
@@ -572,6 +592,7 @@ def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: boo
         # No timestamps or timings in meta.json: it must be identical for identical (preset, seed).
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():  # only reachable with force=True
+            _check_out_dir(out_dir, force)  # again: files may have been added while the new data rendered
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
