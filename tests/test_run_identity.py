@@ -26,6 +26,7 @@ def test_relative_paths_are_stored_absolute_and_resume_keeps_the_stored_config(t
     assert res.returncode == 0, res.stderr[-2000:]
     stored = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert stored["data"]["root"] == str(work / "data") and stored["run"]["deterministic"] is True
+    assert f"at {work / 'data'}," in (work / "run" / "train.log").read_text()  # shown absolute too
     before = (work / "run" / "config.yaml").read_text()
 
     # resume from another directory, naming the recipe again but not --deterministic: the stored

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from sdtl.atomic import atomic_write_text
 from sdtl.errors import UserError
 
 
@@ -286,8 +287,9 @@ def to_dict(cfg) -> dict:
 
 def dump_config(cfg, path: Path, kind: str, decoder: str | None = None) -> None:
     head = {"kind": kind, **({"decoder": decoder} if decoder else {})}
-    text = yaml.safe_dump({**head, **to_dict(cfg)}, sort_keys=False)
-    path.write_text(text)
+    # Atomic: a resume reads config.yaml back as the run's identity, so half a file must never exist
+    # (a truncated YAML can still parse, and the missing keys would silently take their defaults).
+    atomic_write_text(path, yaml.safe_dump({**head, **to_dict(cfg)}, sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------ validation

@@ -24,7 +24,6 @@ The same code runs under ``torchrun --nproc_per_node=N`` (DDP, one teacher per r
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -42,7 +41,8 @@ from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, wri
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
                                   check_finite, configure_determinism, make_train_loader, progress,
-                                  restore_rng, run_in_process_group, seed_everything, start_run)
+                                  record_config_changes, restore_rng, run_in_process_group, seed_everything,
+                                  start_run)
 from sdtl.errors import UserError
 from sdtl.regularizers.self_distillation import SelfDistillation
 
@@ -203,19 +203,6 @@ def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes
     }
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``["optim.epochs: 30 -> 100", ...]`` for every leaf that differs between two config dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_changes(a, b, name + "."))
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
-
-
 def _better(select: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -247,13 +234,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     best = {"metric": cfg.eval.select, "value": None, "epoch": None}
     start_epoch = 1
     if state is not None:
-        changed = config_changes(state.get("config") or {}, cfgmod.to_dict(cfg))
-        if changed and info.is_main:
-            log.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
-                        "; ".join(changed))
-            with open(out_dir / "config_changes.jsonl", "a") as fh:  # the run's history of its identity
-                fh.write(json.dumps({"resumed_from": str(resume_path), "epoch": state.get("epoch"),
-                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changed}) + "\n")
+        record_config_changes(cfg, state, out_dir, resume_path, info, log)
         trained_with = state.get("decoder")
         if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
             log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "
@@ -445,9 +426,9 @@ def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_repor
     method = (f"self-distillation λ={lam:g} ({cfg.regularizer.reduction}, teacher BN {cfg.regularizer.teacher_bn})"
               if lam > 0 else "plain fine-tuning (λ=0)")
     init = cfg.model.pretrained or "random init (from scratch)"
-    log.info("sdtl finetune → %s | %s | %s, %d classes: %d train / %d val / %d test videos | arch %s %s | "
+    log.info("sdtl finetune → %s | %s | %s at %s, %d classes: %d train / %d val / %d test videos | arch %s %s | "
              "init: %s%s | %d process(es) on %s%s",
-             out_dir, method, cfg.data.dataset, len(classes), len(train_ds), len(val_ds) if val_ds else 0,
+             Path(out_dir).resolve(), method, cfg.data.dataset, cfg.data.root, len(classes), len(train_ds), len(val_ds) if val_ds else 0,
              len(test_ds), cfg.model.arch, model_options(cfg), init,
              f" ({load_report})" if load_report is not None else "", info.world_size, info.device,
              f" | resumed from {resume_path}" if resume_path else "")
@@ -466,25 +447,37 @@ def _log_epoch_line(record: dict, cfg, eta_s: float | None = None) -> None:
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                         allow_unsafe_pickle: bool = False) -> dict:
     """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (out_dir / "results.json").exists():
-        raise UserError(f"--out {out_dir}: already holds results.json; choose another --out directory")
-    from sdtl.engine.runlock import RunLock
+    from sdtl.engine.runlock import rank0_lock
+    from sdtl.engine.training import _remove_if_only_bookkeeping
 
-    with RunLock(out_dir, "evaluate"):
-        return _evaluate_checkpoint(checkpoint, out_dir, overrides, allow_unsafe_pickle)
+    out_dir = Path(out_dir)
+    _refuse_existing_results(out_dir)
+    created = not out_dir.exists()
+    try:
+        with rank0_lock(out_dir, "evaluate"):
+            return _evaluate_checkpoint(checkpoint, out_dir, overrides, allow_unsafe_pickle)
+    except UserError:
+        if created and out_dir.is_dir():
+            _remove_if_only_bookkeeping(out_dir)  # bad input leaves no folder behind
+        raise
+
+
+def _refuse_existing_results(out_dir: Path) -> None:
+    # evaluate writes these two names; never over a file it did not write in this call.
+    taken = [name for name in ("results.json", "confusion.png") if (out_dir / name).exists()]
+    if taken:
+        raise UserError(f"--out {out_dir}: already holds {' and '.join(taken)}; choose another --out directory")
 
 
 def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pickle: bool) -> dict:
     from sdtl.data.corrupt import check_failures
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
-    if (out_dir / "results.json").exists():  # written by a process that held the lock before us
-        raise UserError(f"--out {out_dir}: already holds results.json; choose another --out directory")
+    _refuse_existing_results(out_dir)  # written by a process that held the lock before us
     model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
     base = payload.get("config") or {}
     merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
-    cfg = cfgmod.config_from_dict(merged, "finetune")
+    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
     cfgmod.validate_ranges(cfg)
     info = dist_utils.setup(cfg.run.device)
     try:
@@ -511,7 +504,8 @@ def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pick
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics = {k: v for k, v in out.metrics.items() if k != "per_class_acc"}
         results = {**metrics,
-                   "protocol": protocol(cfg, "test", str(checkpoint), payload.get("epoch"), "given checkpoint"),
+                   "protocol": protocol(cfg, "test", str(Path(checkpoint).resolve()), payload.get("epoch"),
+                                        "given checkpoint"),
                    "per_class_acc": dict(zip(classes, out.metrics["per_class_acc"])),
                    "num_test_videos": out.num_videos, "num_test_clips": out.num_clips,
                    "skipped_corrupt": skipped or 0, "eval_time_s": elapsed}

@@ -27,8 +27,8 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
-                                  check_finite, make_train_loader, progress, restore_rng,
-                                  run_in_process_group, seed_everything, start_run)
+                                  check_finite, make_train_loader, progress, record_config_changes,
+                                  restore_rng, run_in_process_group, seed_everything, start_run)
 from sdtl.errors import UserError
 
 log = logging.getLogger("sdtl.pretrain")
@@ -153,7 +153,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     from sdtl.models import build_encoder
     from sdtl.models.checkpoints import save_checkpoint
 
-    _, state = start_run(cfg, out_dir, resume, info, "pretrain")
+    resume_path, state = start_run(cfg, out_dir, resume, info, "pretrain")
     dtype = amp_dtype(cfg.optim.amp, info.device)
     task = TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list_file)
@@ -165,6 +165,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     scheduler = build_scheduler(cfg.optim, optimizer)
     history, start_epoch = [], 1
     if state is not None:
+        record_config_changes(cfg, state, out_dir, resume_path, info, log)
         model.encoder.load_state_dict(state["encoder"])
         model.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -180,8 +181,8 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain")
-        log.info("sdtl pretrain → %s | task %s %s | %d videos | arch %s %s | %d process(es) on %s",
-                 out_dir, cfg.task.name, cfg.task.strides, len(ds), cfg.model.arch, model_options(cfg),
+        log.info("sdtl pretrain → %s | task %s %s | %d videos under %s | arch %s %s | %d process(es) on %s",
+                 out_dir.resolve(), cfg.task.name, cfg.task.strides, len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
                  info.world_size, info.device)
     ddp = model
     if info.enabled:

@@ -21,20 +21,33 @@ from sdtl.errors import RunFailed, UserError
 
 
 # ------------------------------------------------------------------------------- run directory
+# What sdtl writes into a run folder before its config.yaml: none of it makes a folder a run.
+BOOKKEEPING = frozenset({LOCK_NAME, "train.log", "video_index.jsonl"})
+
+
 def resolve_resume(out_dir: Path, resume: str | None, is_main: bool = True) -> Path | None:
     """Decide which checkpoint to resume from, refusing to touch an existing run unasked.
 
     ``resume=None``: ``out_dir`` must not hold a run (or anything else). ``"auto"``: resume from
     ``out_dir/checkpoints/last.pt`` when it exists, else start fresh. A path: that checkpoint.
+    With a resume, ``out_dir`` must be new, empty, or a run folder (it has config.yaml or last.pt).
     """
     last = out_dir / "checkpoints" / "last.pt"
+    # Only rank 0 judges the folder: by the time another rank looks, rank 0 may have written in it.
+    content = sorted(p.name for p in out_dir.iterdir() if p.name not in BOOKKEEPING) \
+        if is_main and out_dir.is_dir() else []
     if resume is None:
-        # Only rank 0 judges the folder: by the time another rank looks, rank 0 may have written in it.
-        if is_main and out_dir.exists() and any(p.name not in (LOCK_NAME, "train.log") for p in out_dir.iterdir()):
+        if content:
             what = "a run" if (out_dir / "config.yaml").exists() or last.exists() else "files"
             raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
                             f"or choose a new --out directory")
         return None
+    if content and not (out_dir / "config.yaml").exists() and not last.exists():
+        # --resume continues a run; it must not write config.yaml, metrics.jsonl, results.json ...
+        # over the files of a folder that holds none.
+        raise UserError(f"--out {out_dir}: holds files but no sdtl run ({', '.join(content[:3])}"
+                        f"{', ...' if len(content) > 3 else ''}); --resume continues a run in its own "
+                        f"folder: choose a new --out directory")
     if resume == "auto":
         return last if last.exists() else None
     path = Path(resume)
@@ -58,6 +71,39 @@ def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[
     return resume_path, state
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``["optim.epochs: 30 -> 100", ...]`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_changes(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def record_config_changes(cfg, state: dict, out_dir: Path, resume_path, info, logger) -> list[str]:
+    """A resumed run's config is its identity: say how this resume changes it, and keep the record.
+
+    Each change is warned and appended to ``OUT/config_changes.jsonl`` (one line per resume that
+    changed something), so config.yaml never changes silently.
+    """
+    import json
+
+    from sdtl.engine import config as cfgmod
+
+    changed = config_changes(state.get("config") or {}, cfgmod.to_dict(cfg))
+    if changed and info.is_main:
+        logger.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
+                       "; ".join(changed))
+        with open(out_dir / "config_changes.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"resumed_from": str(Path(resume_path).resolve()), "epoch": state.get("epoch"),
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changed}) + "\n")
+    return changed
+
+
 def run_in_process_group(cfg, body, out_dir, resume):
     """Validate, join the torchrun process group (if any), run ``body(cfg, out_dir, resume, info)``."""
     from sdtl.engine import config as cfgmod
@@ -68,7 +114,10 @@ def run_in_process_group(cfg, body, out_dir, resume):
     try:
         if not info.is_main:  # rank 0 holds the run directory for the whole process group
             return body(cfg, Path(out_dir), resume, info)
-        resolve_resume(Path(out_dir), resume)  # refuse a foreign folder before writing a lock file into it
+        if not (Path(out_dir) / LOCK_NAME).exists():
+            # Refuse a foreign folder before writing a lock file into it. A folder that has one is
+            # judged under the lock (in start_run): "in use by PID ..." is the answer that matters then.
+            resolve_resume(Path(out_dir), resume)
         created = not Path(out_dir).exists()
         try:
             with RunLock(out_dir, kind_of(cfg)), console_log_to(Path(out_dir) / "train.log"):
@@ -82,9 +131,9 @@ def run_in_process_group(cfg, body, out_dir, resume):
 
 
 def _remove_if_only_bookkeeping(out_dir: Path) -> None:
-    """Remove a run folder this process created if it holds nothing but the lock and train.log."""
+    """Remove a run folder this process created if it holds nothing but the lock and bookkeeping."""
     names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
-    if names <= {LOCK_NAME, "train.log"}:
+    if names <= BOOKKEEPING:
         for name in names:
             (out_dir / name).unlink(missing_ok=True)
         out_dir.rmdir()
