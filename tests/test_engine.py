@@ -276,7 +276,10 @@ def test_resume_can_extend_epochs_but_not_change_the_model(tiny_synth, tmp_path,
     with pytest.raises(UserError, match="do not fit the configured model"):
         ft.run_finetune(tiny_cfg(tiny_synth, "optim.epochs=2", "model.width=0.125", "eval.probe_videos=0"),
                         out, resume="auto")
+    assert not (out / "config_changes.jsonl").exists()  # a refused resume is not recorded as a change
     with caplog.at_level("WARNING"):
         ft.run_finetune(tiny_cfg(tiny_synth, "optim.epochs=2", "eval.probe_videos=0"), out, resume="auto")
     assert "optim.epochs: 1 -> 2" in caplog.text
+    changes = [json.loads(x)["changes"] for x in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [["optim.epochs: 1 -> 2"]]
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

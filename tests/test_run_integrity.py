@@ -181,6 +181,10 @@ def test_pretrain_resume_warns_and_records_config_changes(tiny_synth, tmp_path, 
     out = tmp_path / "pre"
     base = [f"data.root={tiny_synth}", "run.threads=1", "optim.epochs=1"]
     run_pretrain(load_config("synthetic_tiny_pretrain", base, kind="pretrain"), out)
+    with pytest.raises(UserError, match="do not fit the configured model"):  # was a RuntimeError traceback
+        run_pretrain(load_config("synthetic_tiny_pretrain", [*base, "model.width=0.125"], kind="pretrain"), out,
+                     resume="auto")
+    assert not (out / "config_changes.jsonl").exists()  # a refused resume changed nothing
     with caplog.at_level("WARNING", logger="sdtl"):
         run_pretrain(load_config("synthetic_tiny_pretrain", [*base, "optim.epochs=2"], kind="pretrain"), out,
                      resume="auto")

@@ -234,7 +234,6 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     best = {"metric": cfg.eval.select, "value": None, "epoch": None}
     start_epoch = 1
     if state is not None:
-        record_config_changes(cfg, state, out_dir, resume_path, info, log)
         trained_with = state.get("decoder")
         if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
             log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "
@@ -246,6 +245,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
             raise UserError(f"--resume {resume_path}: its weights do not fit the configured model "
                             f"({cfg.model.arch}, {model_options(cfg)}); resume with the run's own config "
                             f"(leave --config out) [{str(exc).splitlines()[0]}]") from None
+        record_config_changes(cfg, state, out_dir, resume_path, info, log)  # a refused resume changed nothing
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

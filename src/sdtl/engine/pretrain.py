@@ -165,9 +165,15 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     scheduler = build_scheduler(cfg.optim, optimizer)
     history, start_epoch = [], 1
     if state is not None:
-        record_config_changes(cfg, state, out_dir, resume_path, info, log)
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
+        try:
+            model.encoder.load_state_dict(state["encoder"])
+            model.head.load_state_dict(state["head"])
+        except RuntimeError as exc:
+            raise UserError(f"--resume {resume_path}: its weights do not fit the configured model "
+                            f"({cfg.model.arch}, {model_options(cfg)}, {task.num_outputs} pretext outputs); "
+                            f"resume with the run's own config (leave --config out) "
+                            f"[{str(exc).splitlines()[0]}]") from None
+        record_config_changes(cfg, state, out_dir, resume_path, info, log)  # a refused resume changed nothing
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), state["epoch"] + 1
