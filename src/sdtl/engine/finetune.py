@@ -43,6 +43,7 @@ from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_
                                   check_finite, configure_determinism, make_train_loader, progress,
                                   record_config_changes, restore_rng, run_in_process_group, seed_everything,
                                   start_run)
+from sdtl.engine.training import config_changes  # noqa: F401  (moved to training; sdtl.demo imports it from here)
 from sdtl.errors import UserError
 from sdtl.regularizers.self_distillation import SelfDistillation
 
