@@ -149,25 +149,16 @@ def _ensure_data(out: Path, plan: DemoPlan, data_dir: str | None) -> Path:
 
 
 # ------------------------------------------------------------------------------ encoder + probes
-def _pool_videos(data: Path, limit: int | None) -> list[Path]:
-    from sdtl.engine.pretrain import find_videos
-
-    videos = find_videos(str(data), None)
-    return videos[:limit] if limit is not None else videos
-
-
 def _retention_probe_for(encoder: Path, data: Path, plan: DemoPlan, path: Path) -> Path:
-    """Retention probe (pretext clips of the pool + the encoder's frozen pretext head)."""
+    """Retention probe of the shipped encoder, built exactly as `sdtl pretrain` builds its own (from the
+    first 48 pool videos, which quick mode writes)."""
     if path.exists():
         return path
     from sdtl.engine import config as cfgmod
-    from sdtl.engine.diagnostics import make_retention_probe
+    from sdtl.engine.pretrain import find_videos, write_retention_probe
 
     pcfg = cfgmod.load_config(plan.pretrain_recipe, [f"data.root={data}"], kind="pretrain")
-    probe = make_retention_probe(encoder, _pool_videos(data, 48), pcfg.data.size, pcfg.data.backend,
-                                 tuple(pcfg.data.crop_area), seed=pcfg.run.seed)
-    probe.save(path)
-    return path
+    return write_retention_probe(encoder, find_videos(str(data), None)[:48], pcfg, path)
 
 
 def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:

@@ -153,17 +153,14 @@ def make_retention_probe(pretrain_checkpoint: str | Path, videos: list[Path], si
     task = TASKS[task_name](strides, clip_len)
     ds = PretextClipDataset(list(videos), task, size, backend, seed + 104729, crop_area)
     per_class: dict[int, list[torch.Tensor]] = {k: [] for k in range(task.num_outputs)}
-    for draw in range(64):  # a new seeded draw per round over the videos, until every class is full
+    draws = ((draw, i) for draw in range(64) for i in range(len(ds)))  # a new seeded draw per round
+    for draw, i in draws:
+        if all(len(b) >= clips_per_class for b in per_class.values()):
+            break
         ds.set_epoch(draw)
-        for i in range(len(ds)):
-            item = ds[i]
-            if len(per_class[item["label"]]) < clips_per_class:
-                per_class[item["label"]].append(item["video"])
-            if all(len(b) >= clips_per_class for b in per_class.values()):
-                break
-        else:
-            continue
-        break
+        item = ds[i]
+        if len(per_class[item["label"]]) < clips_per_class:
+            per_class[item["label"]].append(item["video"])
     # Interleave the classes: every probe chunk then holds all of them, as a training batch does.
     # Sorted by class, a chunk's batch statistics would normalise the class difference away (a
     # pre-trained encoder measured 23% instead of its 78% pretext accuracy that way).
