@@ -95,7 +95,10 @@ def test_lambda_zero_builds_no_teacher(tiny_synth, tmp_path, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("a teacher was built with lambda = 0")
 
-    monkeypatch.setattr(ft, "SelfDistillation", forbidden)
+    import sdtl.regularizers.self_distillation as sdmod
+
+    monkeypatch.setattr(sdmod.SelfDistillation, "snapshot", forbidden)
+    monkeypatch.setattr(sdmod.SelfDistillation, "__init__", forbidden)
     cfg = tiny_cfg(tiny_synth, "regularizer.weight=0", "optim.epochs=1", "eval.probe_videos=0")
     ft.run_finetune(cfg, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -197,7 +200,7 @@ def test_ddp_two_gloo_processes(tiny_synth, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--set", "optim.lrr=0.1"], "config key optim.lrr: unknown key"),
     (["--set", "optim.lr=fast"], "config key optim.lr: expected float"),
-    (["--set", "regularizer.weight=-1"], "regularizer.weight: lambda must be >= 0"),
+    (["--set", "regularizer.weight=-1"], "regularizer.weight: must be >= 0"),
     (["--set", "data.root=/nonexistent/videos"], "/nonexistent/videos"),
     (["--config", "no_such_recipe"], "no such recipe"),
     (["--set", "eval.crops=2"], "eval.crops: must be 1 or 3"),

@@ -72,17 +72,42 @@ class OptimConfig:
     gamma: float = 0.1  # multistep factor
     warmup_epochs: int = 0  # linear warm-up from lr / (warmup_epochs + 1)
     head_lr_mult: float = 1.0  # learning-rate multiplier for the linear head
+    lp_epochs: int = 0  # LP-FT: train the head alone (encoder frozen, BN in eval) for the first N epochs
+    layer_decay: float = 1.0  # layer-wise lr decay: stage i of L gets lr * d^(L+1-i), the head lr (1 = off)
     grad_clip: float | None = None  # max gradient norm; off by default
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
 
 
 @dataclass
 class RegularizerConfig:
-    """The self-distillation term λ·‖f(x) − f_prev(x)‖² (weight 0 = plain fine-tuning)."""
+    """What keeps the encoder near what it knew: the paper's self-distillation (default) or another
+    member of the family. ``weight`` is the penalty's multiplier (λ, α or η); 0 = plain fine-tuning."""
 
-    weight: float = 0.0  # λ
-    reduction: str = "mean"  # mean (MSE over batch and features) | sum (per-sample squared L2)
-    teacher_bn: str = "batch"  # batch (batch stats, no updates; 0 right after a snapshot) | eval (running stats)
+    name: str = "sd"  # none | sd | fixed_teacher | ema_sd | l2sp | delta | bss (see docs/regularizers.md)
+    weight: float = 0.0  # λ (sd, fixed_teacher, ema_sd), α (l2sp, delta) or η (bss); 0 = off
+    reduction: str = "mean"  # sd family: mean (MSE over batch and features) | sum (per-sample squared L2)
+    teacher_bn: str = "batch"  # sd family, delta: batch (batch stats, no updates) | eval (running stats)
+    snapshot_every: int = 0  # sd: also refresh the teacher every N optimizer steps (0 = once per epoch)
+    ema_decay: float = 0.999  # ema_sd: teacher <- a*teacher + (1-a)*student after every step
+    head_weight: float = 0.01  # l2sp, delta: beta of the head's L2 (optimizer weight decay is then off)
+    layers: list[str] = field(default_factory=list)  # delta: encoder module names ([] = last conv of each stage)
+    attention: str = "channel"  # delta: channel (computed once, as the paper) | none (uniform)
+    attention_samples: int = 128  # delta: training clips used to compute the channel attention
+    k: int = 1  # bss: number of smallest singular values shrunk
+
+
+# Which regularizer reads which key of the `regularizer` section (name and weight: all of them).
+REGULARIZER_KEYS = {
+    "reduction": ("sd", "fixed_teacher", "ema_sd"),
+    "teacher_bn": ("sd", "fixed_teacher", "ema_sd", "delta"),
+    "snapshot_every": ("sd",),
+    "ema_decay": ("ema_sd",),
+    "head_weight": ("l2sp", "delta"),
+    "layers": ("delta",),
+    "attention": ("delta",),
+    "attention_samples": ("delta",),
+    "k": ("bss",),
+}
 
 
 @dataclass
@@ -166,6 +191,8 @@ CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "multistep", "constant"),
     "optim.amp": ("off", "bf16", "fp16"),
+    "regularizer.name": ("none", "sd", "fixed_teacher", "ema_sd", "l2sp", "delta", "bss"),
+    "regularizer.attention": ("channel", "none"),
     "regularizer.reduction": ("mean", "sum"),
     "regularizer.teacher_bn": ("eval", "batch"),
     "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
@@ -382,7 +409,18 @@ def validate_ranges(cfg) -> None:
 
     if isinstance(cfg, FinetuneConfig):
         r = cfg.regularizer
-        need(r.weight >= 0, "regularizer.weight", "lambda must be >= 0; use 0 for plain fine-tuning")
+        need(r.weight >= 0, "regularizer.weight", "must be >= 0; use 0 for plain fine-tuning")
+        _check_regularizer_keys(r)
+        need(r.snapshot_every >= 0, "regularizer.snapshot_every", "must be >= 0 (0 = once per epoch)")
+        need(0 <= r.ema_decay < 1, "regularizer.ema_decay", "must be in [0, 1), e.g. 0.999")
+        need(r.head_weight >= 0, "regularizer.head_weight", "must be >= 0")
+        need(r.attention_samples >= 2, "regularizer.attention_samples", "must be >= 2")
+        need(r.k >= 1, "regularizer.k", "must be >= 1")
+        need(r.name != "bss" or r.k < cfg.data.batch_size, "regularizer.k",
+             f"must be smaller than data.batch_size ({cfg.data.batch_size}): a batch has at most that many "
+             f"singular values")
+        need(0 <= cfg.optim.lp_epochs < cfg.optim.epochs, "optim.lp_epochs",
+             f"must be in [0, optim.epochs={cfg.optim.epochs}): LP-FT needs epochs left to fine-tune")
         need(cfg.data.split in (1, 2, 3), "data.split", "official splits are 1, 2 or 3")
         need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
         need(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", "must be in [0, 1]")
@@ -407,8 +445,21 @@ def validate_ranges(cfg) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be > 0, or null to disable")
     need(o.schedule != "multistep" or bool(o.milestones), "optim.milestones",
          "multistep needs a list of epochs, e.g. [50, 70, 90]")
+    need(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]; 1 = off, VideoMAE uses 0.75")
+    need(isinstance(cfg, FinetuneConfig) or o.lp_epochs == 0, "optim.lp_epochs",
+         "LP-FT is a fine-tuning schedule; pre-training has no linear-probe stage, leave it at 0")
     need(cfg.model.width > 0, "model.width", "must be > 0")
     need(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+
+
+def _check_regularizer_keys(r: RegularizerConfig) -> None:
+    """A key set for another regularizer than ``regularizer.name`` would silently do nothing: refuse it."""
+    default = RegularizerConfig()
+    for key, users in REGULARIZER_KEYS.items():
+        if r.name in users or r.name == "none" or getattr(r, key) == getattr(default, key):
+            continue
+        raise UserError(f"config key regularizer.{key}: used only by regularizer.name={' or '.join(users)}, "
+                        f"not {r.name!r}; remove it, or set regularizer.name to one of those")
 
 
 def _get(cfg, dotted: str):

@@ -89,3 +89,11 @@ def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
                      device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def average_gradients(info: DistInfo, params) -> None:
+    """Average the gradients of ``params`` over all ranks (for a step taken outside DDP's forward)."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(info.world_size)

@@ -6,17 +6,20 @@ The story of a run (``sdtl finetune --config RECIPE --out DIR``):
    dataset lists and files, the architecture and the pre-trained checkpoint.
 2. The training list is split into train and a stratified validation part (``data.val_fraction``);
    model selection uses validation only — never the test list.
-3. Each epoch ``t``: if λ > 0, :meth:`SelfDistillation.snapshot` freezes a copy of the encoder as the
-   teacher (at epoch 1, the pre-trained encoder); every batch minimises
-   ``CE(g(f(x)), y) + λ·‖f(x) − f'(x)‖²`` on the same augmented clips. With λ = 0 no teacher exists.
-   Then validation, forgetting diagnostics, ``metrics.jsonl`` / TensorBoard / ``curves.png``, and an
+3. Each epoch ``t``: with the paper's regularizer (``regularizer.name: sd``, λ > 0),
+   :meth:`SelfDistillation.epoch_start` freezes a copy of the encoder as the teacher (at epoch 1, the
+   pre-trained encoder); every batch minimises ``CE(g(f(x)), y) + λ·‖f(x) − f'(x)‖²`` on the same
+   augmented clips. With λ = 0 no teacher exists. Other regularizers (:mod:`sdtl.regularizers`) plug
+   into the same three calls (``epoch_start``, ``prepare``/``loss``, ``step_end``). LP-FT epochs
+   (``optim.lp_epochs``) train the head alone on the frozen encoder first. Then validation, forgetting diagnostics, ``metrics.jsonl`` / TensorBoard / ``curves.png``, and an
    atomic checkpoint (``checkpoints/last.pt``, ``best.pt`` when validation improves).
 4. At the end, the selected (best) and the last checkpoints are both tested with the multi-clip
    protocol; ``results.json`` and ``confusion.png`` are written.
 
 Checkpoints are written at epoch boundaries and hold model, optimizer, scheduler, scaler, RNG
-states and history. The teacher needs nothing more: at an epoch boundary it *is* the model, so a
-resumed run re-snapshots it from the restored weights. With ``run.deterministic`` on CPU, a run
+states, history, and whatever state the regularizer needs (SD's teacher needs none: at an epoch
+boundary it *is* the model, so a resumed run re-snapshots it from the restored weights; a fixed or
+averaged teacher, L2-SP's anchor and DELTA's reference and attention are stored). With ``run.deterministic`` on CPU, a run
 killed at any moment and resumed (``--resume auto``) ends bit-identical to an uninterrupted one,
 because every random choice of the data pipeline is seeded by (seed, epoch, sample index).
 
@@ -38,14 +41,14 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
 from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
-from sdtl.engine.reporting import RunLog
+from sdtl.engine.reporting import REG_PARTS, RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
                                   check_finite, configure_determinism, make_train_loader, progress,
                                   record_config_changes, restore_rng, run_in_process_group, seed_everything,
                                   start_run)
 from sdtl.engine.training import config_changes  # noqa: F401  (moved to training; sdtl.demo imports it from here)
 from sdtl.errors import UserError
-from sdtl.regularizers.self_distillation import SelfDistillation
+from sdtl.regularizers import DELTA, Regularizer, build_regularizer
 
 log = logging.getLogger("sdtl.finetune")
 
@@ -115,28 +118,69 @@ def build_classifier(cfg, num_classes: int, load_pretrained: bool = True):
     return model, report
 
 
-def _probe_clips(cfg, train_ds, classes) -> torch.Tensor:
-    """A fixed batch of centre clips from training videos, the same for every epoch and resume."""
+def _probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7919):
+    """A fixed batch of centre clips from training videos (the same for every epoch and resume) and
+    their labels: ``(clips [N, C, T, H, W], labels [N])``."""
     from sdtl.data.datasets import VideoClipDataset
 
-    g = torch.Generator().manual_seed(cfg.run.seed + 7919)
+    g = torch.Generator().manual_seed(cfg.run.seed + salt)
     order = torch.randperm(len(train_ds.records), generator=g).tolist()
-    chosen = [train_ds.records[i] for i in order[: cfg.eval.probe_videos]]
+    chosen = [train_ds.records[i] for i in order[: cfg.eval.probe_videos if count is None else count]]
     ds = VideoClipDataset(chosen, classes, mode="test", num_clips=1, crops=1, clip_len=cfg.data.clip_len,
                           stride=cfg.data.stride, size=cfg.data.size, backend=cfg.data.backend,
                           seed=cfg.run.seed, skip_corrupt=True)
-    clips = [ds[i]["video"] for i in range(len(ds))]
-    clips = [c[0] for c in clips if c.shape[0] > 0]
-    return torch.stack(clips) if clips else torch.empty(0)
+    items = [ds[i] for i in range(len(ds))]
+    items = [it for it in items if it["video"].shape[0] > 0]
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return (torch.stack([it["video"][0] for it in items]),
+            torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long))
+
+
+def build_run_regularizer(cfg, model, train_ds, classes, state, info) -> Regularizer | None:
+    """The configured regularizer on the model as loaded; on resume, its state from the checkpoint.
+
+    DELTA's channel attention is computed here once (fresh runs) and stored in checkpoints.
+    """
+    r = cfg.regularizer
+    try:
+        reg = build_regularizer(r, model.encoder, model.head)
+    except ValueError as exc:
+        raise UserError(f"config section regularizer: {exc}") from None
+    if reg is None:
+        return None
+    reg.to(info.device)
+    if state is not None:
+        try:
+            reg.load_checkpoint_state(state.get("regularizer_state"))
+        except ValueError as exc:
+            raise UserError(f"--resume: cannot restore the {r.name} regularizer ({exc}); resume with the "
+                            f"run's own config") from None
+    elif isinstance(reg, DELTA) and r.attention == "channel":
+        t0 = time.perf_counter()
+        clips, labels = _probe_clips(cfg, train_ds, classes, count=r.attention_samples, salt=104729)
+        reg.compute_attention(clips, labels, len(classes), batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+        if info.is_main:
+            log.info("DELTA channel attention from %d clips over %s in %.1f s", len(clips), reg.layers,
+                     time.perf_counter() - t0)
+    return reg
 
 
 # ------------------------------------------------------------------------------------ training
-def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optimizer, scaler, cfg,
+def train_one_epoch(model_ddp, model, reg: Regularizer | None, loader, optimizer, scaler, cfg,
                     info, epoch: int, tracker, last_good: str) -> dict:
-    """One pass over the training set; returns the epoch's train metrics."""
+    """One pass over the training set; returns the epoch's train metrics.
+
+    In an LP-FT linear-probe epoch (``epoch <= optim.lp_epochs``) the encoder runs frozen (eval mode,
+    no gradient), only the head learns, and no regularizer applies.
+    """
     device = info.device
     dtype = amp_dtype(cfg.optim.amp, device)
+    linear_probe = epoch <= cfg.optim.lp_epochs
     model.train()
+    if linear_probe:
+        model.encoder.eval()  # frozen: BatchNorm statistics do not move either
+        reg = None
     meter = EpochMeter()
     lr = optimizer.param_groups[0]["lr"]
     bar = progress(len(loader), f"epoch {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress)
@@ -151,12 +195,17 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             # Teacher first: its transient activations are freed before the student's are saved,
             # so self-distillation adds no activation memory to the step's peak.
-            target = sd.teacher_features(clips) if sd is not None else None
-            logits, features = model_ddp(clips)
+            ctx = reg.prepare(clips) if reg is not None else None
+            if linear_probe:
+                with torch.no_grad():
+                    features = model.encoder(clips)
+                logits = model.head(model.dropout(features))  # outside DDP: head grads are averaged below
+            else:
+                logits, features = model_ddp(clips)
             ce = F.cross_entropy(logits.float(), labels)
             parts = {"ce": ce}
-            if sd is not None:
-                parts["sd"] = sd.penalty(target, features)
+            if reg is not None:
+                parts[reg.part] = reg.loss(ctx, features)
             loss = sum(parts.values())
         parts_check = dict(parts)
         if info.enabled:
@@ -168,11 +217,15 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
         check_finite(parts_check, epoch, step, last_good)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if linear_probe and info.enabled:
+            dist_utils.average_gradients(info, model.head.parameters())
         if cfg.optim.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if reg is not None:
+            reg.step_end()
         values = {"loss": loss.item()}
         values.update({k: v.item() for k, v in parts.items()})
         meter.step_done(values, clips.shape[0] * info.world_size)
@@ -188,7 +241,8 @@ def train_one_epoch(model_ddp, model, sd: SelfDistillation | None, loader, optim
     return out
 
 
-def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes, history, best, probe) -> dict:
+def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes, history, best, probe,
+                        reg: Regularizer | None) -> dict:
     return {
         "sdtl_format": "finetune", "version": CHECKPOINT_VERSION,
         "arch": cfg.model.arch, "arch_options": model_options(cfg),
@@ -197,8 +251,9 @@ def _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": capture_rng(), "history": history, "best": best,
-        # The teacher of the next epoch is a snapshot of "model"; nothing else to store.
+        # SD's next teacher is a snapshot of "model"; other regularizers store what they need.
         "teacher": {"source": "model", "weight": cfg.regularizer.weight},
+        "regularizer_state": reg.checkpoint_state() if reg is not None else None,
         "probe_prev_features": None if probe is None else probe.prev_features,
         "decoder": decoder_identity(cfg.data.backend),
     }
@@ -228,7 +283,12 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     model.to(info.device)
     seed_everything(cfg.run.seed + info.rank)
 
-    optimizer = build_optimizer(cfg.optim, model.encoder, model.head)
+    reg = build_run_regularizer(cfg, model, train_ds, classes, state, info)
+    weight_decay = 0.0 if reg is not None and reg.replaces_weight_decay else None
+    if weight_decay == 0.0 and cfg.optim.weight_decay and info.is_main:
+        log.info("optimizer weight decay off (was %g): the %s penalty regularizes the weights instead",
+                 cfg.optim.weight_decay, cfg.regularizer.name)
+    optimizer = build_optimizer(cfg.optim, model.encoder, model.head, weight_decay=weight_decay)
     scheduler = build_scheduler(cfg.optim, optimizer)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.optim.amp == "fp16")
     history: list[dict] = []
@@ -272,17 +332,13 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         if state is not None and probe_path.exists():
             probe = ForgettingProbe.load(probe_path, state.get("probe_prev_features"), retention)
         elif state is None:
-            clips = _probe_clips(cfg, train_ds, classes) if cfg.eval.probe_videos > 0 else torch.empty(0)
+            clips = _probe_clips(cfg, train_ds, classes)[0] if cfg.eval.probe_videos > 0 else torch.empty(0)
             probe = ForgettingProbe.build(model.encoder, clips, info.device, retention)
             if info.is_main:
                 probe.save(probe_path)
             # Epoch 0: where fine-tuning starts (drift 0; retention = the pre-trained skill).
             initial = {"epoch": 0, **probe.measure(model.encoder, info.device, advance=False)}
 
-    sd = None
-    if cfg.regularizer.weight > 0:
-        sd = SelfDistillation(model.encoder, weight=cfg.regularizer.weight,
-                              reduction=cfg.regularizer.reduction, teacher_bn=cfg.regularizer.teacher_bn)
     model_ddp = FeaturesAndLogits(model)
     if info.enabled:
         model_ddp = nn.parallel.DistributedDataParallel(
@@ -309,11 +365,11 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     for epoch in range(start_epoch, cfg.optim.epochs + 1):
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        if sd is not None:
-            sd.snapshot()
+        if reg is not None:
+            reg.epoch_start()
         tracker.reset_epoch()
         record = {"epoch": epoch}
-        record.update(train_one_epoch(model_ddp, model, sd, loader, optimizer, scaler, cfg, info, epoch,
+        record.update(train_one_epoch(model_ddp, model, reg, loader, optimizer, scaler, cfg, info, epoch,
                                       tracker, str(last_path) if last_path.exists() else "none yet"))
         tracker.check(force=True)  # judge the corrupt share on small datasets too
         scheduler.step()
@@ -332,7 +388,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         run_log.log_epoch(record)
         if info.is_main:
             payload = _checkpoint_payload(cfg, model, optimizer, scheduler, scaler, epoch, classes,
-                                          run_log.history, best, probe)
+                                          run_log.history, best, probe, reg)
             save_checkpoint(payload, last_path)
             if improved:
                 atomic_copy(last_path, ckpt_dir / "best.pt")
@@ -422,10 +478,33 @@ def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_d
     return results
 
 
+def describe_method(cfg) -> str:
+    """One line naming the method of a run: regularizer (or plain), LP-FT, layer-wise decay."""
+    r, o = cfg.regularizer, cfg.optim
+    if r.name == "none" or r.weight == 0:
+        out = "plain fine-tuning (no regularizer)"
+    elif r.name == "sd":
+        every = f", teacher refreshed every {r.snapshot_every} steps" if r.snapshot_every else ""
+        out = f"self-distillation λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn}{every})"
+    elif r.name == "fixed_teacher":
+        out = f"distillation from the fixed pre-trained encoder λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn})"
+    elif r.name == "ema_sd":
+        out = f"self-distillation from an EMA teacher λ={r.weight:g} (decay {r.ema_decay:g}, {r.reduction})"
+    elif r.name == "l2sp":
+        out = f"L2-SP α={r.weight:g} β={r.head_weight:g}"
+    elif r.name == "delta":
+        out = f"DELTA α={r.weight:g} β={r.head_weight:g} (attention {r.attention})"
+    else:
+        out = f"BSS η={r.weight:g} k={r.k}"
+    if o.lp_epochs:
+        out += f" | LP-FT: head alone for {o.lp_epochs} epoch(s)"
+    if o.layer_decay < 1:
+        out += f" | layer-wise lr decay {o.layer_decay:g}"
+    return out
+
+
 def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info) -> None:
-    lam = cfg.regularizer.weight
-    method = (f"self-distillation λ={lam:g} ({cfg.regularizer.reduction}, teacher BN {cfg.regularizer.teacher_bn})"
-              if lam > 0 else "plain fine-tuning (λ=0)")
+    method = describe_method(cfg)
     init = cfg.model.pretrained or "random init (from scratch)"
     log.info("sdtl finetune → %s | %s | %s at %s, %d classes: %d train / %d val / %d test videos | arch %s %s | "
              "init: %s%s | %d process(es) on %s%s",
@@ -436,7 +515,7 @@ def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_repor
 
 
 def _log_epoch_line(record: dict, cfg, eta_s: float | None = None) -> None:
-    keys = ["train_loss", "train_ce", "train_sd", "val_video_acc1", "feat_drift", "retention_acc", "clips_per_s",
+    keys = ["train_loss", "train_ce", *REG_PARTS, "val_video_acc1", "feat_drift", "retention_acc", "clips_per_s",
             "data_wait"]
     parts = [f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))]
     if eta_s is not None:  # the final test is not included

@@ -65,6 +65,10 @@ class RunLog:
             self.writer.close()
 
 
+# metrics.jsonl keys of the regularizers' penalties (train_<Regularizer.part>)
+REG_PARTS = ("train_sd", "train_fixed_teacher", "train_ema_sd", "train_l2sp", "train_delta", "train_bss")
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     if not history or not any(_is_number(v) for r in history for k, v in r.items() if k != "epoch"):
         return
@@ -75,7 +79,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     panels = [
-        ("training loss", ["train_loss", "train_ce", "train_sd"]),
+        ("training loss", ["train_loss", "train_ce", *REG_PARTS]),
         ("pretext accuracy (%)", ["train_acc"]),  # pre-training runs
         ("validation accuracy (%)", ["val_video_acc1", "val_clip_acc1"]),
         ("forgetting (relative drift)", ["feat_drift", "epoch_drift", "param_drift"]),

@@ -218,16 +218,53 @@ def restore_rng(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- optimiser, schedule
-def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": optim_cfg.lr,
-               "name": "encoder"}]
+def stage_of(param_name: str) -> int:
+    """Depth id of an encoder parameter for layer-wise lr decay: stem 0, stages 1..4.
+
+    sdtl's encoders name their stages by number (C3D ``conv1``/``bn1`` ... ``conv5b``, the R(2+1)D-10
+    ``conv1`` ... ``conv5``: stage = number − 1) or as torchvision (``stem``, ``layer1`` ... ``layer4``).
+    One id per stage, not per block: with one id per block a deep CNN's first layers all but freeze.
+    """
+    import re
+
+    top = param_name.split(".")[0]
+    if top == "stem":
+        return 0
+    m = re.fullmatch(r"layer(\d)", top) or re.fullmatch(r"(?:conv|bn)(\d)[a-z]?", top)
+    if m is None:
+        raise UserError(f"config key optim.layer_decay: cannot tell which stage encoder parameter {param_name!r} "
+                        f"belongs to; layer-wise decay supports sdtl's C3D / R(2+1)D and torchvision's VideoResNet "
+                        f"encoders; set optim.layer_decay=1")
+    number = int(m.group(1))
+    return number if top.startswith("layer") else number - 1
+
+
+def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None,
+                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over the encoder (one group, or one per stage with layer-wise lr decay) and the head.
+
+    Layer-wise decay (BEiT / VideoMAE, ``optim.layer_decay`` = d < 1): stage i of L gets
+    ``lr · d^(L+1−i)``, the stem ``lr · d^(L+1)``, the head ``lr`` (× ``head_lr_mult``).
+    ``weight_decay`` overrides the config's (regularizers that replace weight decay pass 0).
+    """
+    wd = optim_cfg.weight_decay if weight_decay is None else weight_decay
+    params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    if optim_cfg.layer_decay < 1:
+        stages: dict[int, list] = {}
+        for name, p in params:
+            stages.setdefault(stage_of(name), []).append(p)
+        depth = max(stages)
+        groups = [{"params": stages[i], "lr": optim_cfg.lr * optim_cfg.layer_decay ** (depth + 1 - i),
+                   "name": f"encoder.stage{i}"} for i in sorted(stages)]
+    else:
+        groups = [{"params": [p for _, p in params], "lr": optim_cfg.lr, "name": "encoder"}]
     if head is not None:
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
                        "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "name": "head"})
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=wd)
     return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                           weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.nesterov)
+                           weight_decay=wd, nesterov=optim_cfg.nesterov)
 
 
 def lr_factor(optim_cfg, epoch_index: int) -> float:
@@ -236,7 +273,13 @@ def lr_factor(optim_cfg, epoch_index: int) -> float:
     Cosine (RSPNet): from 1 at the first epoch after warm-up to ``min_lr_ratio`` at the last.
     Multistep: ×gamma at each milestone (1-based epoch numbers, as recipes write them).
     Warm-up: linear from 1/(W+1) over the first W epochs.
+    LP-FT (``lp_epochs`` = K > 0): the first K epochs (head only) run at the full lr; warm-up and
+    schedule then run over the remaining epochs, as if fine-tuning started at epoch K + 1.
     """
+    lp = getattr(optim_cfg, "lp_epochs", 0)
+    if epoch_index < lp:
+        return 1.0
+    epoch_index -= lp
     w = optim_cfg.warmup_epochs
     if epoch_index < w:
         return (epoch_index + 1) / (w + 1)
@@ -245,7 +288,7 @@ def lr_factor(optim_cfg, epoch_index: int) -> float:
     if optim_cfg.schedule == "multistep":
         passed = sum(1 for m in optim_cfg.milestones if epoch_index + 1 > m)
         return optim_cfg.gamma ** passed
-    span = max(1, optim_cfg.epochs - w - 1)
+    span = max(1, optim_cfg.epochs - lp - w - 1)
     t = min(1.0, (epoch_index - w) / span)
     lo = optim_cfg.min_lr_ratio
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))

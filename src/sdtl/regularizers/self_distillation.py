@@ -8,30 +8,39 @@ of being overwritten in the first epochs of fine-tuning.
 
 The class is a drop-in for any PyTorch loop::
 
-    sd = SelfDistillation(model.encoder, weight=100.0, reduction="mean", teacher_bn="batch")
+    sd = SelfDistillation(model.encoder, weight=1.0, reduction="mean", teacher_bn="batch")
     for epoch in range(epochs):
-        sd.snapshot()                                   # teacher <- frozen copy of the encoder
+        sd.epoch_start()                                # teacher <- frozen copy of the encoder
         for clips, labels in loader:
             features = model.encoder(clips)
             loss = F.cross_entropy(model.head(features), labels) + sd(clips, features)
             ...
+            sd.step_end()                               # only does something with snapshot_every > 0
+
+``snapshot_every=N`` (config ``regularizer.snapshot_every``) also refreshes the teacher after every
+N optimizer steps within an epoch (an ablation between the epoch snapshot and an EMA teacher; the
+paper refreshes once per epoch). The count restarts at each epoch, so an epoch boundary still
+snapshots and a resumed run needs no teacher state. Relatives with other teachers:
+:class:`~sdtl.regularizers.fixed_teacher.FixedTeacherDistillation` (the pre-trained encoder, never
+refreshed) and :class:`~sdtl.regularizers.ema.EMASelfDistillation` (an average of the student).
 
 The engine (:mod:`sdtl.engine.finetune`) uses exactly this object; nothing else in sdtl knows how
 the penalty is computed.
 """
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import nn
 
+from sdtl.regularizers.base import Regularizer, copy_into, frozen_copy, load_state_into, state_of
+
 Reduction = Literal["mean", "sum"]
 TeacherBN = Literal["eval", "batch"]
 
 
-class SelfDistillation(nn.Module):
+class SelfDistillation(Regularizer):
     """Feature-level self-distillation towards a frozen snapshot of ``encoder``.
 
     Args:
@@ -64,36 +73,47 @@ class SelfDistillation(nn.Module):
     activations for backward: its only memory cost is one copy of the encoder's weights.
     """
 
+    part = "sd"
+    #: subclasses whose teacher is not the model at an epoch boundary keep it in checkpoints
+    stores_teacher = False
+
     def __init__(self, encoder: nn.Module, weight: float = 1.0, reduction: Reduction = "mean",
-                 teacher_bn: TeacherBN = "batch") -> None:
-        super().__init__()
+                 teacher_bn: TeacherBN = "batch", snapshot_every: int = 0) -> None:
         if not (weight >= 0):  # also rejects NaN
             raise ValueError(f"SelfDistillation weight (lambda) must be >= 0, got {weight}")
+        super().__init__(weight)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"SelfDistillation reduction must be 'mean' or 'sum', got {reduction!r}")
         if teacher_bn not in ("eval", "batch"):
             raise ValueError(f"SelfDistillation teacher_bn must be 'eval' or 'batch', got {teacher_bn!r}")
+        if snapshot_every < 0:
+            raise ValueError(f"SelfDistillation snapshot_every must be >= 0 (0 = once per epoch), got {snapshot_every}")
         # Stored outside the module tree: the student belongs to the model, not to the regularizer,
         # and must not appear twice in state dicts or parameter lists.
         self.__dict__["student"] = encoder
-        self.weight = float(weight)
         self.reduction = reduction
         self.teacher_bn = teacher_bn
+        self.snapshot_every = int(snapshot_every)
+        self._steps = 0
         self.teacher: nn.Module | None = None
+
+    def epoch_start(self) -> None:
+        self._steps = 0
+        self.snapshot()
+
+    def step_end(self) -> None:
+        self._steps += 1
+        if self.snapshot_every and self._steps % self.snapshot_every == 0:
+            self.snapshot()
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Make the teacher a frozen copy of the encoder as it is now (call at each epoch start)."""
         student = self.__dict__["student"]
         if self.teacher is None:
-            teacher = copy.deepcopy(student)
-            teacher.requires_grad_(False)
-            teacher.eval()
-            if self.teacher_bn == "batch":
-                _use_batch_statistics(teacher)
-            self.teacher = teacher
+            self.teacher = frozen_copy(student, batch_statistics=self.teacher_bn == "batch")
         else:
-            _copy_into(self.teacher, student)
+            copy_into(self.teacher, student)
 
     def teacher_features(self, clips: torch.Tensor) -> torch.Tensor:
         """Features of ``clips`` under the teacher (no graph, no buffer updates)."""
@@ -102,9 +122,12 @@ class SelfDistillation(nn.Module):
         with torch.inference_mode():
             return self.teacher(clips)
 
-    def forward(self, clips: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
-        """Return ``λ · L_SD`` for a batch whose student features are ``student_features``."""
-        return self.penalty(self.teacher_features(clips), student_features)
+    def prepare(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.teacher_features(clips)
+
+    def loss(self, ctx: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
+        """``λ · L_SD`` for a batch whose student features are ``student_features``."""
+        return self.penalty(ctx, student_features)
 
     def penalty(self, teacher_features: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         """``λ · L_SD`` from precomputed teacher features.
@@ -125,52 +148,27 @@ class SelfDistillation(nn.Module):
     # For loops that checkpoint mid-epoch: the teacher is then part of the training state.
     # (sdtl's engine checkpoints at epoch boundaries, where the next teacher is the model itself.)
     def teacher_state_dict(self) -> dict | None:
-        if self.teacher is None:
-            return None
-        return {name: t.detach().clone() for name, t in [*self.teacher.named_parameters(),
-                                                          *self.teacher.named_buffers()]}
+        return None if self.teacher is None else state_of(self.teacher)
 
-    @torch.no_grad()
     def load_teacher_state_dict(self, state: dict | None) -> None:
         if state is None:
             self.teacher = None
             return
         if self.teacher is None:
             self.snapshot()
-        own = dict([*self.teacher.named_parameters(), *self.teacher.named_buffers()])
-        if own.keys() != state.keys():
-            missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-            raise ValueError(f"teacher state does not match the encoder: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}")
-        for name, tensor in own.items():
-            tensor.copy_(state[name])
+        load_state_into(self.teacher, state, "teacher")
+
+    def checkpoint_state(self) -> dict | None:
+        return {"teacher": self.teacher_state_dict()} if self.stores_teacher else None
+
+    def load_checkpoint_state(self, state: dict | None) -> None:
+        if not self.stores_teacher:
+            return super().load_checkpoint_state(state)
+        if not state or "teacher" not in state:
+            raise ValueError(f"{self.part}: the checkpoint holds no teacher; it was not written by a {self.part} run")
+        self.load_teacher_state_dict(state["teacher"])
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, reduction={self.reduction!r}, teacher_bn={self.teacher_bn!r}"
+        every = f", snapshot_every={self.snapshot_every}" if self.snapshot_every else ""
+        return f"weight={self.weight}, reduction={self.reduction!r}, teacher_bn={self.teacher_bn!r}{every}"
 
-
-def _use_batch_statistics(module: nn.Module) -> None:
-    """Make every BatchNorm normalise with batch statistics while the module stays in eval mode.
-
-    PyTorch's BatchNorm uses batch statistics when it has no running buffers; in eval mode it then
-    also has nothing to update. Eval mode keeps everything else (dropout) deterministic.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean = None
-            m.running_var = None
-            m.num_batches_tracked = None
-
-
-@torch.no_grad()
-def _copy_into(teacher: nn.Module, student: nn.Module) -> None:
-    """Copy the student's parameters and buffers into the teacher's own storage (no new allocation).
-
-    Only tensors the teacher has are copied: with ``teacher_bn="batch"`` its BatchNorms have no
-    running buffers. (``load_state_dict`` can't be used for that: BatchNorm re-inserts
-    ``num_batches_tracked`` and then rejects it as unexpected.)
-    """
-    source = dict(student.named_parameters())
-    source.update(student.named_buffers())
-    for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
-        tensor.copy_(source[name])
