@@ -86,6 +86,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_wise(args) -> int:
+    from sdtl.wise import DEFAULT_ALPHAS, parse_alphas, run_wise, text_table
+
+    alphas = parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS
+    report = run_wise(args.finetuned, args.out, pretrained=args.pretrained, alphas=alphas,
+                      overrides=args.overrides, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    if report:
+        print(f"{text_table(report)}\n-> {args.out}/wise.json, wise.md, wise.png")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from sdtl.engine.config import list_recipes
 
@@ -166,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("wise", help="WiSE-FT: evaluate weight-space ensembles of pre-trained and fine-tuned weights",
+                       description="WiSE-FT (Wortsman et al., CVPR 2022): evaluate theta_alpha = (1-alpha)*theta_0 + "
+                                   "alpha*theta_1 for each alpha on the run's validation part and on the test list "
+                                   "(protocol and dataset from the fine-tuned checkpoint; override with --set). "
+                                   "theta_1 is the fine-tuned model; theta_0 is an encoder checkpoint with the "
+                                   "fine-tuned model's head, or another fine-tune checkpoint of the same arch and "
+                                   "classes. The alpha with the best validation video acc@1 is selected (ties: the "
+                                   "largest alpha); test is reported beside it. Writes wise.json, wise.md and "
+                                   "wise.png into a new or empty --out.",
+                       epilog="example: sdtl wise --finetuned runs/r21d/checkpoints/best.pt --out runs/r21d/wise "
+                              "--alphas 0,0.25,0.5,0.75,1")
+    p.add_argument("--finetuned", required=True, metavar="CKPT", help="theta_1: a checkpoint of `sdtl finetune`")
+    p.add_argument("--pretrained", metavar="CKPT", default=None,
+                   help="theta_0: an encoder checkpoint (RSPNet, sdtl pretrain, exported) or a fine-tune "
+                        "checkpoint of the same arch and classes (default: the run's model.pretrained)")
+    p.add_argument("--alphas", metavar="A,B,...", default=None,
+                   help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
+    p.set_defaults(func=cmd_wise)
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)",
                        description="Pre-train an encoder on unlabelled videos by predicting the playback speed "

@@ -549,28 +549,39 @@ def _refuse_existing_results(out_dir: Path) -> None:
         raise UserError(f"--out {out_dir}: already holds {' and '.join(taken)}; choose another --out directory")
 
 
+def checkpoint_config(payload: dict, overrides: list[str] | None = None):
+    """The config stored in a fine-tune checkpoint, with ``--set`` overrides applied and validated."""
+    base = payload.get("config") or {}
+    merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
+    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
+    cfgmod.validate_ranges(cfg)
+    return cfg
+
+
+def check_checkpoint_data(what: str, payload: dict, cfg, classes, info) -> None:
+    """Refuse a dataset whose classes differ from the checkpoint's; warn about a different decoder."""
+    if list(classes) != list(payload.get("class_names", classes)):
+        raise UserError(f"{what}: its classes differ from the test list of {cfg.data.root}; evaluate on "
+                        f"the dataset it was trained on")
+    trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
+    if trained_with and trained_with != evaluating_with and info.is_main:
+        log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
+                    "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
+                    trained_with, evaluating_with, trained_with.split()[0])
+
+
 def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pickle: bool) -> dict:
     from sdtl.data.corrupt import check_failures
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
     _refuse_existing_results(out_dir)  # written by a process that held the lock before us
     model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
-    base = payload.get("config") or {}
-    merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
-    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
-    cfgmod.validate_ranges(cfg)
+    cfg = checkpoint_config(payload, overrides)
     info = dist_utils.setup(cfg.run.device)
     try:
         configure_determinism(cfg.run.deterministic, cfg.run.threads)
         _, _, test_ds, classes = build_datasets(cfg, need_train=False)
-        if list(classes) != list(payload.get("class_names", classes)):
-            raise UserError(f"--checkpoint {checkpoint}: its classes differ from the test list of "
-                            f"{cfg.data.root}; evaluate on the dataset it was trained on")
-        trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
-        if trained_with and trained_with != evaluating_with and info.is_main:
-            log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
-                        "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
-                        trained_with, evaluating_with, trained_with.split()[0])
+        check_checkpoint_data(f"--checkpoint {checkpoint}", payload, cfg, classes, info)
         model.to(info.device)
         eval_bs = cfg.eval.batch_size or cfg.data.batch_size
         loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
