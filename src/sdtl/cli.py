@@ -136,6 +136,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from sdtl.sweep import run_sweep
+
+    import shlex
+
+    run_sweep(args.config, args.grid, args.seeds, args.out, sets=args.overrides, dry_run=args.dry_run,
+              parallel=args.parallel, extend=args.extend, command=shlex.join(["sdtl", *args.argv]))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sdtl.demo import run_demo
 
@@ -202,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
     p.set_defaults(func=cmd_wise)
 
+    p = sub.add_parser("sweep", help="a grid over config keys x seeds (e.g. a lambda sweep), mean ± std table",
+                       description="Run the product of the --grid values x seeds 0..N-1 as ordinary fine-tuning runs "
+                                   "in OUT/runs/<point>/seed<k>. Re-running the same command skips finished runs and "
+                                   "resumes unfinished ones. Writes sweep.json, sweep.md (mean ± std over seeds of the "
+                                   "validation accuracy that selected each checkpoint and of its test accuracy; the "
+                                   "best point on validation is marked) and sweep.png.",
+                       epilog="example: sdtl sweep --config ucf101_r21d_sd --grid regularizer.weight=0.1,1,10,100,1000 "
+                              "--seeds 3 --out sweeps/lambda --set data.root=/data/UCF101 "
+                              "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
+    p.add_argument("--config", required=True, metavar="NAME_OR_PATH", help="fine-tuning recipe name or YAML file")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2,...",
+                   help="a swept config key and its values (repeatable: the sweep runs the product), "
+                        "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run, as in finetune (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="runs at a time, as child processes; on a multi-GPU box each gets one GPU (default 1)")
+    p.add_argument("--extend", action="store_true",
+                   help="add values or seeds to the sweep already in --out (finished runs are reused)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)",
                        description="Pre-train an encoder on unlabelled videos by predicting the playback speed "
                                    "(frame stride) of clips; writes checkpoints/encoder.pt (encoder + pretext "
@@ -258,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records of sweeps and comparisons
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

@@ -183,6 +183,7 @@ def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
     from sdtl.engine import config as cfgmod
     from sdtl.engine.diagnostics import RetentionProbe
     from sdtl.engine.pretrain import run_pretrain
+    from sdtl.engine.training import check_same_config
     from sdtl.models import build_encoder
     from sdtl.models.checkpoints import safe_load
 
@@ -191,7 +192,7 @@ def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
     if not encoder.exists():
         cfg = cfgmod.load_config(plan.pretrain_recipe, [f"data.root={data}", *plan.pretrain_overrides],
                                  kind="pretrain")
-        _check_same_config(pre_dir, cfg)
+        check_same_config(pre_dir, cfg, "this demo")
         run_pretrain(cfg, pre_dir, resume="auto")
     retention = pre_dir / "retention_probe.pt"
     history = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -223,29 +224,6 @@ def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
-def _check_same_config(run_dir: Path, cfg) -> None:
-    """Refuse to reuse a run folder whose stored config is not what this invocation would run."""
-    import yaml
-
-    from sdtl.engine import config as cfgmod
-    from sdtl.engine.finetune import config_changes
-
-    stored_path = run_dir / "config.yaml"
-    if not stored_path.exists():
-        return
-    stored = yaml.safe_load(stored_path.read_text()) or {}
-    kind = stored.pop("kind", "finetune")
-    try:  # through the loader, so keys added to sdtl since the run was made compare at their defaults
-        stored = cfgmod.to_dict(cfgmod.config_from_dict(stored, kind=kind))
-    except UserError:
-        pass  # a config this sdtl cannot read differs anyway: compared raw below
-    changes = config_changes(stored, cfgmod.to_dict(cfg))
-    if changes:
-        raise UserError(f"{run_dir}: this run was made with other settings ({'; '.join(changes[:4])}"
-                        f"{' …' if len(changes) > 4 else ''}); its results cannot be reused for this demo. "
-                        f"Nothing was changed: use a new --out")
-
-
 def _run_specs(plan: DemoPlan, n_seeds: int) -> list[RunSpec]:
     specs = []
     for seed in range(n_seeds):
@@ -264,6 +242,7 @@ def _run_specs(plan: DemoPlan, n_seeds: int) -> list[RunSpec]:
 def _finetune_all(out: Path, plan: DemoPlan, specs: list[RunSpec], data: Path, encoder: dict) -> list[dict]:
     from sdtl.engine import config as cfgmod
     from sdtl.engine.finetune import run_finetune
+    from sdtl.engine.training import check_same_config
 
     results = []
     for i, spec in enumerate(specs, start=1):
@@ -275,7 +254,7 @@ def _finetune_all(out: Path, plan: DemoPlan, specs: list[RunSpec], data: Path, e
         if spec.lr is not None:
             overrides.append(f"optim.lr={spec.lr:g}")
         cfg = cfgmod.load_config(plan.finetune_recipe, overrides, kind="finetune")
-        _check_same_config(run_dir, cfg)
+        check_same_config(run_dir, cfg, "this demo")
         result_path = run_dir / "results.json"
         t0 = time.perf_counter()
         if not result_path.exists():

@@ -84,6 +84,32 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_same_config(run_dir: Path, cfg, purpose: str) -> None:
+    """Refuse to reuse a run folder whose stored config is not what ``purpose`` would run.
+
+    ``sdtl demo`` / ``sweep`` / ``compare`` reuse finished runs and resume unfinished ones; a folder
+    made with other settings must never be mixed into their tables or continued with a new config.
+    """
+    import yaml
+
+    from sdtl.engine import config as cfgmod
+
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.exists():
+        return
+    stored = yaml.safe_load(stored_path.read_text()) or {}
+    kind = stored.pop("kind", "finetune")
+    try:  # through the loader, so keys added to sdtl since the run was made compare at their defaults
+        stored = cfgmod.to_dict(cfgmod.config_from_dict(stored, kind=kind))
+    except UserError:
+        pass  # a config this sdtl cannot read differs anyway: compared raw below
+    changes = config_changes(stored, cfgmod.to_dict(cfg))
+    if changes:
+        raise UserError(f"{run_dir}: this run was made with other settings ({'; '.join(changes[:4])}"
+                        f"{' …' if len(changes) > 4 else ''}); its results cannot be reused for {purpose}. "
+                        f"Nothing was changed: use a new --out")
+
+
 def record_config_changes(cfg, state: dict, out_dir: Path, resume_path, info, logger) -> list[str]:
     """A resumed run's config is its identity: say how this resume changes it, and keep the record.
 
