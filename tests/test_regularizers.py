@@ -15,11 +15,23 @@ import pytest
 import torch
 from torch import nn
 
-from sdtl.engine.config import OptimConfig, RegularizerConfig, load_config, validate_ranges
+from sdtl.engine.config import (
+    OptimConfig,
+    RegularizerConfig,
+    load_config,
+    validate_ranges,
+)
 from sdtl.engine.training import build_optimizer, lr_factor
 from sdtl.errors import UserError
-from sdtl.regularizers import (BSS, DELTA, L2SP, EMASelfDistillation, FixedTeacherDistillation, SelfDistillation,
-                               build_regularizer)
+from sdtl.regularizers import (
+    BSS,
+    DELTA,
+    L2SP,
+    EMASelfDistillation,
+    FixedTeacherDistillation,
+    SelfDistillation,
+    build_regularizer,
+)
 from sdtl.regularizers.delta import default_layers
 
 # ----------------------------------------------------------------------------------------- helpers
