@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/sd_overhead.py
+	$(BIN)/python benchmarks/regularizer_overhead.py
 	$(BIN)/python benchmarks/data_pipeline.py
 
 clean:

@@ -185,7 +185,7 @@ def test_ddp_two_gloo_processes(tiny_synth, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "sdtl", "-q", "finetune", "--config", "synthetic_tiny",
            "--out", str(out), "--set", f"data.root={tiny_synth}", "--set", "data.batch_size=2",
-           "--set", "run.threads=1"]
+           "--set", "run.threads=1", "--set", "optim.lp_epochs=1"]  # epoch 1: LP-FT's head-only step outside DDP
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

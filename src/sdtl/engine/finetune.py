@@ -11,16 +11,17 @@ The story of a run (``sdtl finetune --config RECIPE --out DIR``):
    pre-trained encoder); every batch minimises ``CE(g(f(x)), y) + λ·‖f(x) − f'(x)‖²`` on the same
    augmented clips. With λ = 0 no teacher exists. Other regularizers (:mod:`sdtl.regularizers`) plug
    into the same three calls (``epoch_start``, ``prepare``/``loss``, ``step_end``). LP-FT epochs
-   (``optim.lp_epochs``) train the head alone on the frozen encoder first. Then validation, forgetting diagnostics, ``metrics.jsonl`` / TensorBoard / ``curves.png``, and an
-   atomic checkpoint (``checkpoints/last.pt``, ``best.pt`` when validation improves).
+   (``optim.lp_epochs``) train the head alone on the frozen encoder first. Then validation,
+   forgetting diagnostics, ``metrics.jsonl`` / TensorBoard / ``curves.png``, and an atomic checkpoint
+   (``checkpoints/last.pt``, ``best.pt`` when validation improves).
 4. At the end, the selected (best) and the last checkpoints are both tested with the multi-clip
    protocol; ``results.json`` and ``confusion.png`` are written.
 
 Checkpoints are written at epoch boundaries and hold model, optimizer, scheduler, scaler, RNG
 states, history, and whatever state the regularizer needs (SD's teacher needs none: at an epoch
 boundary it *is* the model, so a resumed run re-snapshots it from the restored weights; a fixed or
-averaged teacher, L2-SP's anchor and DELTA's reference and attention are stored). With ``run.deterministic`` on CPU, a run
-killed at any moment and resumed (``--resume auto``) ends bit-identical to an uninterrupted one,
+averaged teacher, L2-SP's anchor and DELTA's reference and attention are stored). With
+``run.deterministic`` on CPU, a run killed at any moment and resumed (``--resume auto``) ends bit-identical to an uninterrupted one,
 because every random choice of the data pipeline is seeded by (seed, epoch, sample index).
 
 The same code runs under ``torchrun --nproc_per_node=N`` (DDP, one teacher per rank, rank 0 writes).
@@ -182,7 +183,7 @@ def train_one_epoch(model_ddp, model, reg: Regularizer | None, loader, optimizer
         model.encoder.eval()  # frozen: BatchNorm statistics do not move either
         reg = None
     meter = EpochMeter()
-    lr = optimizer.param_groups[0]["lr"]
+    lr = max(g["lr"] for g in optimizer.param_groups)  # the base lr (layer-wise decay lowers the others)
     bar = progress(len(loader), f"epoch {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress)
     failed_epoch = 0
     for step, batch in enumerate(loader, start=1):
