@@ -391,6 +391,25 @@ def build_dataset(name: str, root, split: int = 1, subset: str = "train", lists_
 
 # --------------------------------------------------------------------------- the dataset
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps an index sampler with ``set_epoch`` (e.g. ``DistributedSampler``) and yields
+    ``(epoch, index)`` pairs, so persistent DataLoader workers draw each epoch's own augmentation."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of one sample: a hash of ``(seed, epoch, index)``, independent of worker layout."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)]).generate_state(2, np.uint32)
@@ -416,9 +435,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     Every random choice of item ``i`` comes from ``sample_generator(seed, epoch, i)``: the same
     clips and crops whatever the number of workers, and a resumed run sees exactly the batches it
-    would have seen. Call :meth:`set_epoch` before iterating each epoch. With
-    ``persistent_workers=True`` the workers keep their own copy of the dataset and never see
-    ``set_epoch``: use non-persistent workers (the default) for per-epoch randomness.
+    would have seen. Call :meth:`set_epoch` before iterating each epoch, or index with
+    ``(epoch, i)`` pairs (:class:`EpochSampler` does): persistent DataLoader workers keep their own
+    copy of the dataset and never see ``set_epoch``, but they do see the epoch in the index.
 
     ``probe_index``: a file (the run's ``video_index.jsonl``) where the workers record what probing
     each video taught them (frame count, seekable or not), so that every video is probed once per run
@@ -480,10 +499,13 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch = self.epoch
+        if isinstance(index, tuple):  # (epoch, index) from EpochSampler: exact with persistent workers
+            epoch, index = index
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.records)} videos")
-        generator = sample_generator(self.seed, self.epoch, index)
+        generator = sample_generator(self.seed, epoch, index)
         if self.mode == "train":
             return self._train_item(index, generator)
         return self._test_item(index)

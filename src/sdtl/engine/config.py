@@ -41,6 +41,7 @@ class DataConfig:
     val_fraction: float = 0.1  # held out of the training list for model selection (stratified)
     batch_size: int = 8  # per process; the total batch is batch_size x world size
     workers: int = 2
+    prefetch_factor: int = 4  # batches each (persistent) worker prepares ahead
     backend: str = "auto"  # auto | pyav | torchcodec
     max_corrupt_fraction: float = 0.01  # stop when more training samples than this fail to decode
 
@@ -75,7 +76,8 @@ class OptimConfig:
     lp_epochs: int = 0  # LP-FT: train the head alone (encoder frozen, BN in eval) for the first N epochs
     layer_decay: float = 1.0  # layer-wise lr decay: stage i of L gets lr * d^(L+1-i), the head lr (1 = off)
     grad_clip: float | None = None  # max gradient norm; off by default
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16 + loss scaling; fp32 on CPU) | off | bf16 | fp16
+    fused: str = "auto"  # auto (fused optimizer step on CUDA) | on | off
 
 
 @dataclass
@@ -135,6 +137,10 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     progress: bool = True  # per-epoch progress bar
     tensorboard: bool = True
+    channels_last: str = "auto"  # auto (channels_last_3d on CUDA) | on | off: memory format of model and clips
+    cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA; never with deterministic)
+    compile: bool = False  # torch.compile the model (pays off on long runs; first steps are slow)
+    compile_backend: str = "inductor"  # torch.compile backend (e.g. inductor, cudagraphs, aot_eager, eager)
 
 
 @dataclass
@@ -159,6 +165,7 @@ class PretrainDataConfig:
     crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range
     batch_size: int = 16
     workers: int = 2
+    prefetch_factor: int = 4
     backend: str = "auto"
     max_corrupt_fraction: float = 0.01
 
@@ -190,7 +197,9 @@ CHOICES = {
     "data.backend": ("auto", "pyav", "torchcodec"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "multistep", "constant"),
-    "optim.amp": ("off", "bf16", "fp16"),
+    "optim.amp": ("auto", "off", "bf16", "fp16"),
+    "optim.fused": ("auto", "on", "off"),
+    "run.channels_last": ("auto", "on", "off"),
     "regularizer.name": ("none", "sd", "fixed_teacher", "ema_sd", "l2sp", "delta", "bss"),
     "regularizer.attention": ("channel", "none"),
     "regularizer.reduction": ("mean", "sum"),
@@ -274,7 +283,8 @@ def _merge(base: dict, override: dict) -> dict:
 def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str = "finetune"):
     """Read a recipe or YAML file, apply ``--set`` overrides and validate everything."""
     raw, source = _read_yaml(name_or_path)
-    raw.pop("decoder", None)  # informational line of a run's config.yaml (which decoder it used)
+    raw.pop("decoder", None)  # informational lines of a run's config.yaml (which decoder it used,
+    raw.pop("runtime", None)  # what the auto options resolved to)
     file_kind = raw.pop("kind", kind)
     if file_kind != kind:
         raise UserError(f"--config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
@@ -305,6 +315,7 @@ def config_from_dict(data: dict, kind: str = "finetune"):
     data = dict(data)
     data.pop("kind", None)
     data.pop("decoder", None)
+    data.pop("runtime", None)
     return from_dict(KINDS[kind], data, where="")
 
 
@@ -312,8 +323,8 @@ def to_dict(cfg) -> dict:
     return asdict(cfg)
 
 
-def dump_config(cfg, path: Path, kind: str, decoder: str | None = None) -> None:
-    head = {"kind": kind, **({"decoder": decoder} if decoder else {})}
+def dump_config(cfg, path: Path, kind: str, decoder: str | None = None, runtime: dict | None = None) -> None:
+    head = {"kind": kind, **({"decoder": decoder} if decoder else {}), **({"runtime": runtime} if runtime else {})}
     # Atomic: a resume reads config.yaml back as the run's identity, so half a file must never exist
     # (a truncated YAML can still parse, and the missing keys would silently take their defaults).
     atomic_write_text(path, yaml.safe_dump({**head, **to_dict(cfg)}, sort_keys=False))
@@ -381,6 +392,8 @@ def _coerce(tp, value, key: str):
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and "off" in CHOICES.get(".".join(key.split(".")[-2:]), ()):
+            return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise _type_error(key, tp, value)
@@ -436,6 +449,7 @@ def validate_ranges(cfg) -> None:
     need(len(data.crop_area) == 2 and 0 < data.crop_area[0] <= data.crop_area[1] <= 1, "data.crop_area",
          "must be [min, max] with 0 < min <= max <= 1, e.g. [0.25, 1.0]")
     need(data.workers >= 0, "data.workers", "must be >= 0")
+    need(data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     o = cfg.optim
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")

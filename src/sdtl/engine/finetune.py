@@ -43,10 +43,11 @@ from sdtl.engine import distributed as dist_utils
 from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
 from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
 from sdtl.engine.reporting import REG_PARTS, RunLog
-from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
-                                  check_finite, configure_determinism, make_train_loader, progress,
-                                  record_config_changes, restore_rng, run_in_process_group, seed_everything,
-                                  start_run)
+from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
+                                  check_finite, configure_determinism, make_scaler, make_train_loader,
+                                  maybe_compile, optimizer_step, prepare_model, progress, record_config_changes,
+                                  restore_rng, run_in_process_group, runtime_settings, seed_everything, start_run,
+                                  to_memory_format)
 from sdtl.engine.training import config_changes  # noqa: F401  (moved to training; sdtl.demo imports it from here)
 from sdtl.errors import UserError
 from sdtl.regularizers import DELTA, Regularizer, build_regularizer
@@ -169,7 +170,7 @@ def build_run_regularizer(cfg, model, train_ds, classes, state, info) -> Regular
 
 # ------------------------------------------------------------------------------------ training
 def train_one_epoch(model_ddp, model, reg: Regularizer | None, loader, optimizer, scaler, cfg,
-                    info, epoch: int, tracker, last_good: str) -> dict:
+                    info, epoch: int, tracker, last_good: str, channels_last: bool = False) -> dict:
     """One pass over the training set; returns the epoch's train metrics.
 
     In an LP-FT linear-probe epoch (``epoch <= optim.lp_epochs``) the encoder runs frozen (eval mode,
@@ -191,7 +192,7 @@ def train_one_epoch(model_ddp, model, reg: Regularizer | None, loader, optimizer
         if batch.get("failed"):
             failed_epoch += len(batch["failed"])
         tracker.update(batch.get("failed", []), num_samples=len(batch["label"]))
-        clips = batch["video"].to(device, non_blocking=True)
+        clips = to_memory_format(batch["video"].to(device, non_blocking=True), channels_last)
         labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             # Teacher first: its transient activations are freed before the student's are saved,
@@ -216,15 +217,9 @@ def train_one_epoch(model_ddp, model, reg: Regularizer | None, loader, optimizer
             if flag.item() < 1:
                 parts_check["loss (on another rank)"] = torch.tensor(float("nan"))
         check_finite(parts_check, epoch, step, last_good)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if linear_probe and info.enabled:
-            dist_utils.average_gradients(info, model.head.parameters())
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        average_head = ((lambda: dist_utils.average_gradients(info, model.head.parameters()))
+                        if linear_probe and info.enabled else None)
+        optimizer_step(loss, optimizer, scaler, model.parameters(), cfg.optim.grad_clip, before_step=average_head)
         if reg is not None:
             reg.step_end()
         values = {"loss": loss.item()}
@@ -281,7 +276,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     seed_everything(cfg.run.seed)
     train_ds, val_ds, test_ds, classes = build_datasets(cfg)
     model, load_report = build_classifier(cfg, len(classes), load_pretrained=state is None)
-    model.to(info.device)
+    channels_last = prepare_model(model, cfg, info.device)
     seed_everything(cfg.run.seed + info.rank)
 
     reg = build_run_regularizer(cfg, model, train_ds, classes, state, info)
@@ -289,9 +284,9 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     if weight_decay == 0.0 and cfg.optim.weight_decay and info.is_main:
         log.info("optimizer weight decay off (was %g): the %s penalty regularizes the weights instead",
                  cfg.optim.weight_decay, cfg.regularizer.name)
-    optimizer = build_optimizer(cfg.optim, model.encoder, model.head, weight_decay=weight_decay)
+    optimizer = build_fast_optimizer(cfg, model.encoder, model.head, info.device, weight_decay=weight_decay)
     scheduler = build_scheduler(cfg.optim, optimizer)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.optim.amp == "fp16")
+    scaler = make_scaler(amp_dtype(cfg.optim.amp, info.device), info.device)
     history: list[dict] = []
     best = {"metric": cfg.eval.select, "value": None, "epoch": None}
     start_epoch = 1
@@ -317,7 +312,12 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend))
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend),
+                           runtime_settings(cfg, info.device))
+        rt = runtime_settings(cfg, info.device)
+        log.info("runtime on %s: precision %s%s, channels_last %s, cuDNN autotune %s, fused optimizer %s, compile %s",
+                 rt["device"], rt["amp"], " + loss scaling" if rt["grad_scaler"] else "", rt["channels_last"],
+                 rt["cudnn_benchmark"], rt["fused_optimizer"], rt["compile"] or "off")
     dist_utils.barrier(info)
     probe_index = ProbeCache(out_dir / "video_index.jsonl")  # each video probed once per run, by any worker
     for ds in (train_ds, val_ds, test_ds):
@@ -344,6 +344,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     if info.enabled:
         model_ddp = nn.parallel.DistributedDataParallel(
             model_ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    model_ddp = maybe_compile(model_ddp, cfg.run, log)
 
     sampler, loader = make_train_loader(train_ds, cfg.data, info, cfg.run.seed)
     eval_bs = cfg.eval.batch_size or cfg.data.batch_size
@@ -371,7 +372,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         tracker.reset_epoch()
         record = {"epoch": epoch}
         record.update(train_one_epoch(model_ddp, model, reg, loader, optimizer, scaler, cfg, info, epoch,
-                                      tracker, str(last_path) if last_path.exists() else "none yet"))
+                                      tracker, str(last_path) if last_path.exists() else "none yet", channels_last))
         tracker.check(force=True)  # judge the corrupt share on small datasets too
         scheduler.step()
         is_last = epoch == cfg.optim.epochs

@@ -26,7 +26,9 @@ from torch import nn
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.reporting import RunLog
-from sdtl.engine.training import (EpochMeter, amp_dtype, build_optimizer, build_scheduler, capture_rng,
+from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
+                                  make_scaler, maybe_compile, optimizer_step, prepare_model, runtime_settings,
+                                  to_memory_format,
                                   check_finite, make_train_loader, progress, record_config_changes,
                                   restore_rng, run_in_process_group, seed_everything, start_run)
 from sdtl.errors import UserError
@@ -110,12 +112,15 @@ class PretextClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
         from sdtl.data.datasets import sample_generator
         from sdtl.data.transforms import train_transform
         from sdtl.data.video_io import VideoDecodeError, open_video
 
-        g = sample_generator(self.seed, self.epoch, index)
+        epoch = self.epoch
+        if isinstance(index, tuple):  # (epoch, index) from EpochSampler (persistent workers)
+            epoch, index = index
+        g = sample_generator(self.seed, epoch, index)
         failed = []
         for _attempt in range(10):
             path = self.paths[index]
@@ -159,10 +164,12 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     paths = find_videos(cfg.data.root, cfg.data.list_file)
     seed_everything(cfg.run.seed)
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
-    model = PretextModel(encoder, task.num_outputs).to(info.device)
+    model = PretextModel(encoder, task.num_outputs)
+    channels_last = prepare_model(model, cfg, info.device)
     seed_everything(cfg.run.seed + info.rank)
-    optimizer = build_optimizer(cfg.optim, model.encoder, model.head)
+    optimizer = build_fast_optimizer(cfg, model.encoder, model.head, info.device)
     scheduler = build_scheduler(cfg.optim, optimizer)
+    scaler = make_scaler(dtype, info.device)
     history, start_epoch = [], 1
     if state is not None:
         try:
@@ -176,6 +183,8 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         record_config_changes(cfg, state, out_dir, resume_path, info, log)  # a refused resume changed nothing
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, start_epoch = list(state["history"]), state["epoch"] + 1
 
     ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area))
@@ -186,7 +195,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain")
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain", runtime=runtime_settings(cfg, info.device))
         log.info("sdtl pretrain → %s | task %s %s | %d videos under %s | arch %s %s | %d process(es) on %s",
                  out_dir.resolve(), cfg.task.name, cfg.task.strides, len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
                  info.world_size, info.device)
@@ -194,6 +203,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    ddp = maybe_compile(ddp, cfg.run, log)
     tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,
                                   max_fraction=cfg.data.max_corrupt_fraction)
     run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, history)
@@ -212,18 +222,14 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         for step, batch in enumerate(loader, start=1):
             meter.data_ready()
             tracker.update(batch.get("failed", []), num_samples=len(batch["label"]))
-            clips = batch["video"].to(info.device, non_blocking=True)
-            target = torch.as_tensor(batch["label"]).to(info.device)
+            clips = to_memory_format(batch["video"].to(info.device, non_blocking=True), channels_last)
+            target = torch.as_tensor(batch["label"]).to(info.device, non_blocking=True)
             with torch.autocast(info.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = ddp(clips)
                 loss = task.loss(logits, target)
             check_finite({task.__class__.__name__: loss}, epoch, step,
                          str(last_path) if last_path.exists() else "none yet")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            optimizer_step(loss, optimizer, scaler, model.parameters(), cfg.optim.grad_clip)
             correct += int((logits.argmax(1) == target).sum())
             seen += len(target)
             meter.step_done({"loss": loss.item()}, len(target) * info.world_size)
@@ -239,7 +245,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         run_log.log_epoch(record)
         if info.is_main:
             save_checkpoint(_payload(cfg, model, epoch, history=run_log.history, optimizer=optimizer,
-                                     scheduler=scheduler), last_path)
+                                     scheduler=scheduler, scaler=scaler), last_path)
             log.info("pretrain epoch %d/%d loss %.4f pretext acc %.1f%% clips/s %.1f", epoch, cfg.optim.epochs,
                      record["train_loss"], record["train_acc"], record["clips_per_s"])
         dist_utils.barrier(info)
@@ -265,7 +271,8 @@ def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Pat
     return path
 
 
-def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None, scheduler=None) -> dict:
+def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None, scheduler=None,
+             scaler=None) -> dict:
     from sdtl.engine.finetune import model_options
 
     payload = {
@@ -276,5 +283,6 @@ def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None
         "config": cfgmod.to_dict(cfg), "history": history,
     }
     if optimizer is not None:
-        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=capture_rng())
+        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=capture_rng(),
+                       scaler=scaler.state_dict() if scaler is not None else None)
     return payload

@@ -61,8 +61,8 @@ def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[
     """Checks shared by every run before any work: determinism, AMP, and which checkpoint to resume."""
     from sdtl.models.checkpoints import safe_load
 
-    configure_determinism(cfg.run.deterministic, cfg.run.threads)
-    amp_dtype(cfg.optim.amp, info.device)  # fail early on CPU + AMP
+    configure_determinism(cfg.run.deterministic, cfg.run.threads, cfg.run.cudnn_benchmark)
+    amp_dtype(cfg.optim.amp, info.device)  # fail early: bf16 on a card without it
     resume_path = resolve_resume(out_dir, resume, info.is_main)
     state = safe_load(resume_path) if resume_path else None
     if state is not None and state.get("sdtl_format") != kind:
@@ -188,14 +188,23 @@ def kind_of(cfg) -> str:
 
 
 def make_train_loader(dataset, data_cfg, info, seed: int):
-    """Shuffled, sharded (DDP) training loader; every rank gets a distinct part of each epoch."""
-    from sdtl.data.datasets import collate_clips
+    """Shuffled, sharded (DDP) training loader; every rank gets a distinct part of each epoch.
 
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=seed)
+    Workers persist across epochs (no re-fork and re-import every epoch) and prefetch
+    ``data.prefetch_factor`` batches each; the sampler hands them ``(epoch, index)`` pairs, so each
+    epoch still draws its own clips and crops. Batches land in pinned memory on CUDA, for
+    ``non_blocking`` copies.
+    """
+    from sdtl.data.datasets import EpochSampler, collate_clips
+
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
+                                                               rank=info.rank, shuffle=True, seed=seed))
+    workers = data_cfg.workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
-                                         num_workers=data_cfg.workers, collate_fn=collate_clips,
-                                         drop_last=True, pin_memory=info.device.type == "cuda")
+                                         num_workers=workers, collate_fn=collate_clips,
+                                         drop_last=True, pin_memory=info.device.type == "cuda",
+                                         persistent_workers=workers > 0,
+                                         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None)
     if len(loader) == 0:
         raise UserError(f"config key data.batch_size: {data_cfg.batch_size} x {info.world_size} process(es) is "
                         f"larger than the {len(dataset)} training videos; lower data.batch_size")
@@ -209,9 +218,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_determinism(deterministic: bool, threads: int) -> None:
+def configure_determinism(deterministic: bool, threads: int, cudnn_benchmark: bool = False) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+    # cuDNN autotuning picks the fastest conv algorithm per input shape (fixed shapes here); it is
+    # nondeterministic, so deterministic runs never use it.
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -266,12 +278,13 @@ def stage_of(param_name: str) -> int:
 
 
 def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None,
-                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+                    weight_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """SGD or AdamW over the encoder (one group, or one per stage with layer-wise lr decay) and the head.
 
     Layer-wise decay (BEiT / VideoMAE, ``optim.layer_decay`` = d < 1): stage i of L gets
     ``lr · d^(L+1−i)``, the stem ``lr · d^(L+1)``, the head ``lr`` (× ``head_lr_mult``).
     ``weight_decay`` overrides the config's (regularizers that replace weight decay pass 0).
+    ``fused``: one fused kernel for the whole step (CUDA; see :func:`use_fused`).
     """
     wd = optim_cfg.weight_decay if weight_decay is None else weight_decay
     params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
@@ -287,10 +300,11 @@ def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None,
     if head is not None:
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
                        "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "name": "head"})
+    extra = {"fused": True} if fused else {}
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=wd, **extra)
     return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                           weight_decay=wd, nesterov=optim_cfg.nesterov)
+                           weight_decay=wd, nesterov=optim_cfg.nesterov, **extra)
 
 
 def lr_factor(optim_cfg, epoch_index: int) -> float:
@@ -325,12 +339,130 @@ def build_scheduler(optim_cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
+    """The autocast dtype of ``optim.amp`` on ``device`` (None = full fp32).
+
+    ``auto``: bf16 on a CUDA card that supports it, fp16 (with a GradScaler) on one that does not,
+    fp32 on CPU. An explicit ``bf16`` or ``fp16`` also runs on CPU (CPU autocast; slow, but it lets a
+    mixed-precision config be checked without a GPU).
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
-    if device.type != "cuda":
-        raise UserError(f"config key optim.amp: {amp} mixed precision needs a CUDA device; "
-                        f"set --set optim.amp=off on CPU")
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if amp == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        if amp == "bf16" and not bf16_ok:
+            raise UserError(f"config key optim.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                            f"set --set optim.amp=fp16 (with loss scaling) or optim.amp=auto")
+        return torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: float | None, before_step=None) -> None:
+    """Backward (loss-scaled for fp16), optional hook (e.g. averaging gradients), clip, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if before_step is not None:
+        before_step()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def prepare_model(model: nn.Module, cfg, device: torch.device) -> bool:
+    """Move ``model`` to ``device`` in the configured memory format; returns whether it is channels-last.
+
+    Done before any regularizer copies the encoder, so a teacher has the student's format (and runs
+    under the same autocast as the student: same precision).
+    """
+    channels_last = use_channels_last(cfg.run, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return channels_last
+
+
+def build_fast_optimizer(cfg, encoder, head, device, weight_decay: float | None = None):
+    """:func:`build_optimizer` with ``optim.fused`` resolved; a fused step this torch/device lacks is a clear error."""
+    fused = use_fused(cfg.optim, device)
+    try:
+        return build_optimizer(cfg.optim, encoder, head, weight_decay=weight_decay, fused=fused)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if not fused:
+            raise
+        raise UserError(f"config key optim.fused: this torch ({torch.__version__}) cannot run a fused "
+                        f"{cfg.optim.name} step on {device} ({str(exc).splitlines()[0]}); set --set optim.fused=off") from None
+
+
+def make_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (bf16 has fp32's range); its state is saved in every checkpoint."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def use_channels_last(run_cfg, device: torch.device) -> bool:
+    """``run.channels_last``: auto = on for CUDA (cuDNN's fast 3-D conv layout), off on CPU."""
+    return run_cfg.channels_last == "on" or (run_cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.dim() == 5 else x
+
+
+def runtime_settings(cfg, device: torch.device) -> dict:
+    """What the ``auto`` options resolved to on this device (written to config.yaml as ``runtime``)."""
+    dtype = amp_dtype(cfg.optim.amp, device)
+    deterministic = cfg.run.deterministic
+    return {"device": str(device), "torch": str(torch.__version__),
+            "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "grad_scaler": dtype == torch.float16,
+            "channels_last": use_channels_last(cfg.run, device),
+            "cudnn_benchmark": device.type == "cuda" and cfg.run.cudnn_benchmark and not deterministic,
+            "fused_optimizer": use_fused(cfg.optim, device),
+            "compile": cfg.run.compile and cfg.run.compile_backend}
+
+
+def use_fused(optim_cfg, device: torch.device) -> bool:
+    """``optim.fused``: auto = the fused (single-kernel) optimizer step on CUDA."""
+    return optim_cfg.fused == "on" or (optim_cfg.fused == "auto" and device.type == "cuda")
+
+
+def maybe_compile(module: nn.Module, run_cfg, logger) -> nn.Module:
+    """``run.compile``: wrap ``module`` in ``torch.compile``; a failure names the option instead of a trace."""
+    if not run_cfg.compile:
+        return module
+    try:
+        compiled = torch.compile(module, backend=run_cfg.compile_backend)
+    except Exception as exc:  # an unknown backend fails here
+        raise UserError(f"config key run.compile: torch.compile(backend={run_cfg.compile_backend!r}) failed "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"set --set run.compile=false") from None
+    logger.info("run.compile: the model is compiled with backend %r on its first batches "
+                "(the first step of each new input shape takes longer)", run_cfg.compile_backend)
+    return _FirstCallGuard(compiled, run_cfg.compile_backend)
+
+
+class _FirstCallGuard(nn.Module):
+    """Turns an exception from compilation (which happens on the first call) into a UserError."""
+
+    def __init__(self, compiled: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.backend = backend
+        self.checked = False
+
+    def forward(self, *args, **kwargs):
+        if self.checked:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as exc:
+            raise UserError(f"config key run.compile: compiling the model failed with backend {self.backend!r} "
+                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}); set "
+                            f"--set run.compile=false") from None
+        self.checked = True
+        return out
 
 
 def check_finite(parts: dict[str, torch.Tensor], epoch: int, step: int, last_good: str) -> None:
