@@ -392,6 +392,13 @@ def build_fast_optimizer(cfg, encoder, head, device, weight_decay: float | None 
     except (RuntimeError, TypeError, ValueError) as exc:
         if not fused:
             raise
+        if cfg.optim.fused == "auto":  # an older torch: the default falls back to the foreach step
+            import logging
+
+            logging.getLogger("sdtl").warning("optim.fused=auto: no fused %s step in torch %s on %s (%s); using "
+                                              "the foreach step", cfg.optim.name, torch.__version__, device,
+                                              str(exc).splitlines()[0])
+            return build_optimizer(cfg.optim, encoder, head, weight_decay=weight_decay, fused=False)
         raise UserError(f"config key optim.fused: this torch ({torch.__version__}) cannot run a fused "
                         f"{cfg.optim.name} step on {device} ({str(exc).splitlines()[0]}); set --set optim.fused=off") from None
 
