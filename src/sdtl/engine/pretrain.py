@@ -195,7 +195,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain", runtime=runtime_settings(cfg, info.device))
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "pretrain", runtime=runtime_settings(cfg, info.device, optimizer))
         log.info("sdtl pretrain → %s | task %s %s | %d videos under %s | arch %s %s | %d process(es) on %s",
                  out_dir.resolve(), cfg.task.name, cfg.task.strides, len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
                  info.world_size, info.device)

@@ -417,7 +417,7 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.dim() == 5 else x
 
 
-def runtime_settings(cfg, device: torch.device) -> dict:
+def runtime_settings(cfg, device: torch.device, optimizer=None) -> dict:
     """What the ``auto`` options resolved to on this device (written to config.yaml as ``runtime``)."""
     dtype = amp_dtype(cfg.optim.amp, device)
     deterministic = cfg.run.deterministic
@@ -426,7 +426,7 @@ def runtime_settings(cfg, device: torch.device) -> dict:
             "grad_scaler": dtype == torch.float16,
             "channels_last": use_channels_last(cfg.run, device),
             "cudnn_benchmark": device.type == "cuda" and cfg.run.cudnn_benchmark and not deterministic,
-            "fused_optimizer": use_fused(cfg.optim, device),
+            "fused_optimizer": bool(optimizer.defaults.get("fused")) if optimizer is not None else use_fused(cfg.optim, device),
             "compile": cfg.run.compile and cfg.run.compile_backend}
 
 
