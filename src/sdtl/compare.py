@@ -75,7 +75,8 @@ def _runs(out: Path, methods: list[str], seeds: int):
         points = [{m.key: v} for v in m.values] if m.key else [{}]
         for point in points:
             tag = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
-            runs.extend((name, SweepRun(point, s, out / "runs" / name / tag / f"seed{s}")) for s in range(seeds))
+            runs.extend((name, SweepRun(point, s, out / "runs" / name / tag / f"seed{s}", label=f"{name}/{tag}/seed{s}"))
+                        for s in range(seeds))
     return runs
 
 
@@ -112,6 +113,8 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
     with RunLock(out, "compare"):
         _claim(out)
         out.mkdir(parents=True, exist_ok=True)
+        # wall time accumulates over the invocations that ran this comparison's runs
+        earlier = json.loads((out / MARKER).read_text()).get("wall_time_s", {}) if (out / MARKER).exists() else {}
         atomic_write_text(out / MARKER, json.dumps({"status": "running", "command": command}, indent=2) + "\n")
         data = _ensure_data(out, plan, data_dir)
         encoder = _prepare_encoder(out, plan, data)
@@ -133,8 +136,10 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
         failed = execute([r for _, r in runs], cfgs, plan.finetune_recipe, [], out, parallel=1)
         summary = summarise(by_method, seeds, failed, out)
         summary.update(command=command, lr=lr, data=str(data), encoder=encoder, recipe=plan.finetune_recipe,
-                       overrides=[*base, *(sets or [])], wall_time_s={"finetune": time.perf_counter() - t0,
-                                                    "total": time.perf_counter() - t_start})
+                       overrides=[*base, *(sets or [])],
+                       wall_time_s={"finetune": earlier.get("finetune", 0.0) + time.perf_counter() - t0,
+                                    "total": earlier.get("total", 0.0) + time.perf_counter() - t_start,
+                                    "invocations": earlier.get("invocations", 0) + 1})
         atomic_write_text(out / "compare.md", render_markdown(summary))
         plot(summary, out / "compare.png")
         atomic_write_text(out / MARKER, json.dumps(summary, indent=2, default=str) + "\n")

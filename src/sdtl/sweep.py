@@ -56,10 +56,11 @@ class SweepRun:
     point: dict[str, str]  # key -> value as typed
     seed: int
     dir: Path
+    label: str | None = None  # a name for logs and failure records (default: point/seed)
 
     @property
     def name(self) -> str:
-        return f"{point_name(self.point)}/seed{self.seed}"
+        return self.label or f"{point_name(self.point)}/seed{self.seed}"
 
     def overrides(self) -> list[str]:
         return [f"{k}={v}" for k, v in self.point.items()] + [f"{SEED_KEY}={self.seed}"]
