@@ -139,7 +139,7 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
                        overrides=[*base, *(sets or [])],
                        wall_time_s={"finetune": earlier.get("finetune", 0.0) + time.perf_counter() - t0,
                                     "total": earlier.get("total", 0.0) + time.perf_counter() - t_start,
-                                    "invocations": earlier.get("invocations", 0) + 1})
+                                    "invocations": earlier.get("invocations", 1 if earlier else 0) + 1})
         atomic_write_text(out / "compare.md", render_markdown(summary))
         plot(summary, out / "compare.png")
         atomic_write_text(out / MARKER, json.dumps(summary, indent=2, default=str) + "\n")
