@@ -85,7 +85,7 @@ class RegularizerConfig:
     """What keeps the encoder near what it knew: the paper's self-distillation (default) or another
     member of the family. ``weight`` is the penalty's multiplier (λ, α or η); 0 = plain fine-tuning."""
 
-    name: str = "sd"  # none | sd | fixed_teacher | ema_sd | l2sp | delta | bss (see docs/regularizers.md)
+    name: str = "sd"  # none | sd | fixed_teacher | ema_sd | l2sp | delta | bss (README: the regularizer family)
     weight: float = 0.0  # λ (sd, fixed_teacher, ema_sd), α (l2sp, delta) or η (bss); 0 = off
     reduction: str = "mean"  # sd family: mean (MSE over batch and features) | sum (per-sample squared L2)
     teacher_bn: str = "batch"  # sd family, delta: batch (batch stats, no updates) | eval (running stats)

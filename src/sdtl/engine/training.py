@@ -354,7 +354,6 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if amp == "bf16" and not bf16_ok:
             raise UserError(f"config key optim.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
                             f"set --set optim.amp=fp16 (with loss scaling) or optim.amp=auto")
-        return torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
