@@ -2,7 +2,6 @@
 torch.compile, persistent workers that still draw each epoch's own clips."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
