@@ -618,3 +618,23 @@ def test_lr_factor_with_lp_epochs_then_cosine():
     assert got[2] == pytest.approx(1.0)
     assert got[5] == pytest.approx(lo)
     assert got[2:] == pytest.approx(cosine)
+
+
+def test_delta_hooks_ignore_later_copies_of_the_encoder():
+    """A deep copy of the student made after DELTA (e.g. an SD teacher) inherits the forward hooks;
+    running it must not overwrite DELTA's recorded student maps."""
+    from sdtl.models import build_encoder
+
+    enc = build_encoder("r2plus1d_vcop", width=0.125)
+    enc.train()
+    reg = DELTA(enc, None, weight=1.0, head_weight=0.0)
+    x = torch.randn(2, 3, 8, 32, 32)
+    ctx = reg.prepare(x)
+    feats = enc(x)
+    copy_of_student = copy.deepcopy(enc)
+    with torch.no_grad():
+        for p in copy_of_student.parameters():
+            p.add_(1.0)
+    copy_of_student.train()
+    copy_of_student(torch.randn(2, 3, 8, 32, 32))  # with grad, in training mode: the hook fires
+    assert torch.equal(reg.loss(ctx, feats), torch.zeros(()))  # still the student's own maps (= θ⁰'s)

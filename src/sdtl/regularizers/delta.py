@@ -36,6 +36,7 @@ forwards of ``attention_samples`` clips, once.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -97,14 +98,21 @@ class DELTA(Regularizer):
         self._student_maps: dict[str, torch.Tensor] = {}
         self._teacher_maps: dict[str, torch.Tensor] = {}
         self._zero: tuple[str, int] | None = None  # (layer, channel) zeroed while computing attention
+        teacher_modules = dict(self.teacher.named_modules())
         for name in self.layers:
-            modules[name].register_forward_hook(self._hook(name, self._student_maps))
-            dict(self.teacher.named_modules())[name].register_forward_hook(self._hook(name, self._teacher_maps))
+            modules[name].register_forward_hook(self._hook(name, self._student_maps, modules[name]))
+            teacher_modules[name].register_forward_hook(self._hook(name, self._teacher_maps, teacher_modules[name]))
         # attention weights, one [C_j] vector per layer; uniform (1/C_j) until computed
         self.attention: list[torch.Tensor] | None = None
 
-    def _hook(self, name: str, store: dict):
+    def _hook(self, name: str, store: dict, owner: nn.Module):
+        owner_ref = weakref.ref(owner)
+
         def hook(module, inputs, output):
+            # A deep copy of the encoder made later (another regularizer's teacher, an averaged model)
+            # inherits this hook: it must neither record nor zero anything for this DELTA.
+            if module is not owner_ref():
+                return None
             if self._zero is not None and self._zero[0] == name:
                 output = output.clone()
                 output[:, self._zero[1]] = 0
