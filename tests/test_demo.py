@@ -139,3 +139,18 @@ def test_corrupt_shipped_encoder_is_refused_with_the_regeneration_command(tmp_pa
         demo_encoder(bad)
     with pytest.raises(UserError, match="missing"):
         demo_encoder(tmp_path / "absent.pt")
+
+
+def test_force_adds_to_a_foreign_folder_but_never_writes_over_its_files(tmp_path, capsys):
+    from sdtl.cli import main
+    from sdtl.demo import QUICK, _claim_out
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    _claim_out(out, QUICK, force=True, write=False)  # unrelated files: --force may add the demo's
+    (out / "summary.md").write_text("my own summary")
+    assert main(["-q", "demo", "--quick", "--force", "--out", str(out)]) == 2
+    assert "summary.md" in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == "my own summary"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "summary.md"]

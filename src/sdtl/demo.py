@@ -89,6 +89,11 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
 
 
+# Everything the demo writes at the top of its OUT (folders and files).
+DEMO_NAMES = frozenset({"demo.json", "data", "pretrained", "pretrain", "runs", "summary.json", "summary.md",
+                        "summary.png", "forgetting.png", "lr_grid.json", "lr_grid.md", "lr_grid.png"})
+
+
 def _marker(out: Path) -> Path:
     return out / "demo.json"
 
@@ -111,9 +116,14 @@ def _claim_out(out: Path, plan: DemoPlan, force: bool, write: bool = True) -> No
             raise UserError(f"--out {out}: holds a `sdtl demo` of plan {old.get('plan', '?')!r} with other settings "
                             f"({', '.join(diff)}); this is plan {plan.name!r}. Nothing was changed: choose another "
                             f"--out (the default for this plan is {DEFAULT_OUT[plan.name]})")
-    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not force:
-        raise UserError(f"--out {out}: exists and is not an sdtl demo folder; choose a new --out "
-                        f"(or pass --force to add the demo's folders to it; nothing in it is deleted)")
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        if not force:
+            raise UserError(f"--out {out}: exists and is not an sdtl demo folder; choose a new --out "
+                            f"(or pass --force to add the demo's folders to it; nothing in it is deleted)")
+        taken = sorted(p.name for p in out.iterdir() if p.name in DEMO_NAMES)
+        if taken:  # --force adds the demo's files; it never writes over files the demo did not write
+            raise UserError(f"--out {out}: already holds {', '.join(taken)}, which the demo would write over, and "
+                            f"no demo.json says the demo wrote them; choose a new --out (nothing was changed)")
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
