@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="reuse a synthetic dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
     p.add_argument("--force", action="store_true",
-                   help="use a non-empty --out that is not a demo folder (its files are kept; nothing is deleted)")
+                   help="use a non-empty --out that is not a demo folder (its files are kept; refused if it already "
+                        "holds a name the demo writes, e.g. summary.md or runs/)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("compare", help="self-distillation vs L2-SP, DELTA, BSS, LP-FT, ... on the embedded benchmark",
