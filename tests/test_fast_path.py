@@ -117,3 +117,12 @@ def test_persistent_workers_draw_each_epochs_own_clips(tiny_synth):
     for e in range(2):  # same clips as the in-process loader, epoch by epoch
         assert all(torch.equal(a, b) for a, b in zip(persistent[e], fresh[e]))
     assert not all(torch.equal(a, b) for a, b in zip(persistent[0], persistent[1]))  # epochs differ
+
+
+def test_resume_that_switches_loss_scaling_on_starts_a_fresh_scale(tiny_synth, tmp_path, caplog):
+    # e.g. amp=auto saved on a bf16 card (or CPU), resumed on a card without bf16 (auto -> fp16)
+    out = tmp_path / "run"
+    ft.run_finetune(tiny(tiny_synth, "optim.amp=off"), out)
+    ft.run_finetune(tiny(tiny_synth, "optim.amp=fp16", "optim.epochs=2"), out, resume="auto")
+    assert "starting from a fresh scale" in caplog.text
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] > 0

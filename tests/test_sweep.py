@@ -129,3 +129,13 @@ def test_foreign_folder_is_refused(tiny_synth, tmp_path, capsys):
     assert main(sweep_args(tiny_synth, out)) == 2
     assert "holds no sdtl sweep" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_same_grid_in_another_value_order_is_the_same_sweep():
+    from sdtl.sweep import _same_sweep
+
+    base = {"base_config": {"optim": {"lr": 0.1}}, "seeds": 2}
+    assert _same_sweep({**base, "grid": {"regularizer.weight": ["0", "1"]}},
+                       {**base, "grid": {"regularizer.weight": ["1", "0"]}})
+    assert not _same_sweep({**base, "grid": {"regularizer.weight": ["0", "1"]}},
+                           {**base, "grid": {"regularizer.weight": ["0", "1", "10"]}})

@@ -115,7 +115,8 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
         out.mkdir(parents=True, exist_ok=True)
         # wall time accumulates over the invocations that ran this comparison's runs
         earlier = json.loads((out / MARKER).read_text()).get("wall_time_s", {}) if (out / MARKER).exists() else {}
-        atomic_write_text(out / MARKER, json.dumps({"status": "running", "command": command}, indent=2) + "\n")
+        atomic_write_text(out / MARKER, json.dumps({"status": "running", "command": command, "wall_time_s": earlier},
+                                                   indent=2) + "\n")
         data = _ensure_data(out, plan, data_dir)
         encoder = _prepare_encoder(out, plan, data)
         base = [f"data.root={data}", f"eval.retention={encoder['retention_probe']}", f"optim.lr={lr:g}",
@@ -172,7 +173,8 @@ def summarise(by_method: dict, seeds: int, failed: dict, out: Path) -> dict:
             p["test"].append(c["test"])
             p["retention"].append(last(c["history"], "retention_acc"))
             p["wall_s"] += sum(r.get("epoch_time_s", 0.0) for r in c["history"])
-        eligible = [t for t, p in points.items() if not p["failed"] and p["val"]]
+        eligible = [t for t, p in points.items()
+                    if not p["failed"] and p["val"] and not any(math.isnan(v) for v in p["val"])]
         # highest mean validation accuracy; ties: the first value listed (the smaller / gentler one)
         chosen = max(eligible, key=lambda t: (sum(points[t]["val"]) / len(points[t]["val"]),
                                               -list(points).index(t))) if eligible else None

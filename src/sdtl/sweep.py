@@ -157,7 +157,7 @@ def claim(out: Path, identity: dict, extend: bool) -> dict | None:
             raise UserError(f"--out {out}: exists and holds no sdtl sweep; choose a new --out directory")
         return None
     old = (json.loads(marker.read_text()) or {}).get("identity") or {}
-    if old == identity:
+    if old == identity or _same_sweep(old, identity):
         return old
     from sdtl.engine.training import config_changes
 
@@ -175,6 +175,13 @@ def claim(out: Path, identity: dict, extend: bool) -> dict | None:
         raise UserError(f"--out {out}: holds a sweep of another grid ({described}, {old.get('seeds')} seeds); "
                         f"{hint}, or choose a new --out directory")
     return old
+
+
+def _same_sweep(old: dict, new: dict) -> bool:
+    """The same base, keys, seeds and values (in any order): the same runs."""
+    og, ng = old.get("grid") or {}, new["grid"]
+    return (old.get("base_config") == new["base_config"] and old.get("seeds") == new["seeds"]
+            and list(og) == list(ng) and all(set(og[k]) == set(ng[k]) for k in og))
 
 
 # --------------------------------------------------------------------------------------- running
@@ -226,7 +233,8 @@ def _run_children(todo, config: str, sets: list[str], out: Path, parallel: int) 
     gpus = torch.cuda.device_count()
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    pending, running, failed, slot = list(todo), {}, {}, 0
+    pending, running, failed = list(todo), {}, {}
+    load = {g: 0 for g in range(gpus)}  # children per GPU: a new child gets the least loaded one
     while pending or running:
         while pending and len(running) < parallel:
             run, _ = pending.pop(0)
@@ -235,17 +243,20 @@ def _run_children(todo, config: str, sets: list[str], out: Path, parallel: int) 
             for item in [*sets, *run.overrides()]:
                 cmd += ["--set", item]
             env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            slot += 1
+            gpu = min(load, key=lambda g: (load[g], g)) if gpus else None
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                load[gpu] += 1
             log_path = logs / (run.name.replace("/", "__") + ".log")
             with open(log_path, "a", encoding="utf-8") as fh:
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-            running[proc] = (run, log_path)
-            log.info("sweep: started %s (pid %d)", run.name, proc.pid)
+            running[proc] = (run, log_path, gpu)
+            log.info("sweep: started %s (pid %d%s)", run.name, proc.pid, f", GPU {gpu}" if gpu is not None else "")
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
-            run, log_path = running.pop(proc)
+            run, log_path, gpu = running.pop(proc)
+            if gpu is not None:
+                load[gpu] -= 1
             if proc.returncode != 0:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
                 failed[run.name] = f"exit {proc.returncode}: {tail[0]} (log: {log_path})"

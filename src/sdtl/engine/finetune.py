@@ -46,8 +46,8 @@ from sdtl.engine.reporting import REG_PARTS, RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
                                   check_finite, configure_determinism, make_scaler, make_train_loader,
                                   maybe_compile, optimizer_step, prepare_model, progress, record_config_changes,
-                                  restore_rng, run_in_process_group, runtime_settings, seed_everything, start_run,
-                                  to_memory_format)
+                                  restore_rng, restore_scaler, run_in_process_group, runtime_settings,
+                                  seed_everything, start_run, to_memory_format)
 from sdtl.engine.training import config_changes  # noqa: F401  (moved to training; sdtl.demo imports it from here)
 from sdtl.errors import UserError
 from sdtl.regularizers import DELTA, Regularizer, build_regularizer
@@ -305,7 +305,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
         record_config_changes(cfg, state, out_dir, resume_path, info, log)  # a refused resume changed nothing
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state.get("scaler"), log)
         history, best = list(state["history"]), dict(state["best"])
         start_epoch = state["epoch"] + 1
 

@@ -27,8 +27,8 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
-                                  make_scaler, maybe_compile, optimizer_step, prepare_model, runtime_settings,
-                                  to_memory_format,
+                                  make_scaler, maybe_compile, optimizer_step, prepare_model, restore_scaler,
+                                  runtime_settings, to_memory_format,
                                   check_finite, make_train_loader, progress, record_config_changes,
                                   restore_rng, run_in_process_group, seed_everything, start_run)
 from sdtl.errors import UserError
@@ -183,8 +183,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         record_config_changes(cfg, state, out_dir, resume_path, info, log)  # a refused resume changed nothing
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state.get("scaler"), log)
         history, start_epoch = list(state["history"]), state["epoch"] + 1
 
     ds = PretextClipDataset(paths, task, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area))

@@ -402,6 +402,17 @@ def build_fast_optimizer(cfg, encoder, head, device, weight_decay: float | None 
                         f"{cfg.optim.name} step on {device} ({str(exc).splitlines()[0]}); set --set optim.fused=off") from None
 
 
+def restore_scaler(scaler, saved: dict | None, logger) -> None:
+    """Load a checkpoint's loss-scaler state when both sides scale; a resume that switches fp16 loss
+    scaling on or off (``optim.amp`` changed, or ``auto`` on another card) starts from a fresh scale."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    elif bool(saved) != scaler.is_enabled():
+        logger.warning("resuming with fp16 loss scaling %s (the checkpoint was written with it %s); %s",
+                       "on" if scaler.is_enabled() else "off", "on" if saved else "off",
+                       "starting from a fresh scale" if scaler.is_enabled() else "its scale is not used")
+
+
 def make_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 only (bf16 has fp32's range); its state is saved in every checkpoint."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
