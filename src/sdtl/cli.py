@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune", help="fine-tune an encoder (optionally with self-distillation)",
         description="Fine-tune a pre-trained (or random) encoder plus a linear head on labelled videos, "
-                    "with the paper's self-distillation regularizer when regularizer.weight > 0. Selects the "
+                    "with the paper's self-distillation regularizer when regularizer.weight > 0 (or another "
+                    "of regularizer.name: fixed_teacher, ema_sd, l2sp, delta, bss; LP-FT with optim.lp_epochs, "
+                    "layer-wise lr decay with optim.layer_decay). Selects the "
                     "checkpoint on a validation part of the training list, tests the selected and the last "
                     "one with the multi-clip protocol, and writes config.yaml, metrics.jsonl, train.log, "
                     "curves.png, checkpoints/, results.json into --out.",
