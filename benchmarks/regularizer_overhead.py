@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from bench_common import sync, train_step
 
 from sdtl.engine.config import RegularizerConfig
 from sdtl.models import build_model
@@ -32,24 +32,6 @@ METHODS = {  # the compare defaults' middle values; the cost does not depend on 
     "delta": dict(name="delta", weight=0.003),
     "bss": dict(name="bss", weight=1.0),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step(model, reg, opt, clips, labels) -> None:
-    ctx = reg.prepare(clips) if reg is not None else None
-    logits, feats = model.forward_features(clips)
-    loss = F.cross_entropy(logits, labels)
-    if reg is not None:
-        loss = loss + reg.loss(ctx, feats)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if reg is not None:
-        reg.step_end()
 
 
 def main() -> None:

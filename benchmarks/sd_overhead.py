@@ -20,54 +20,15 @@ peak-memory ratio <= 1.05 (the teacher holds no activations).
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import sys
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from bench_common import peak_bytes, reexec_for_cpu_peaks, reset_peak, sync
+from bench_common import train_step as step
 
 from sdtl import SelfDistillation
 from sdtl.models import build_model
-
-
-def rss_peak_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return rss_peak_kib() * 1024
-
-
-def step(model, sd, opt, clips, labels):
-    target = sd.teacher_features(clips) if sd is not None else None
-    logits, feats = model.forward_features(clips)
-    loss = F.cross_entropy(logits, labels)
-    if sd is not None:
-        loss = loss + sd.penalty(target, feats)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(arch: str, width: float, size: int, frames: int, batch: int, steps: int, device: torch.device) -> dict:
@@ -98,13 +59,12 @@ def measure(arch: str, width: float, size: int, frames: int, batch: int, steps: 
     for name in ("plain", "sd"):
         # Memory: a fresh SD object for the SD measurement, so the teacher copy is counted.
         reg = None
-        reset_peak(device)
-        base = peak_bytes(device)
+        base = reset_peak(device)
         if name == "sd":
             reg = SelfDistillation(model.encoder, weight=100.0)
             reg.snapshot()
         step(model, reg, opt, clips, labels)
-        peaks[name] = peak_bytes(device) - (0 if device.type == "cuda" else base)
+        peaks[name] = peak_bytes(device, base)
         del reg
     t_plain, t_sd = statistics.median(times["plain"]), statistics.median(times["sd"])
     return {"config": f"{arch} w={width:g} {frames}x{size}x{size} b={batch}", "device": str(device),
@@ -115,9 +75,7 @@ def measure(arch: str, width: float, size: int, frames: int, batch: int, steps: 
 
 
 def main() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    reexec_for_cpu_peaks()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default=None)
     ap.add_argument("--width", type=float, default=None)

@@ -40,7 +40,6 @@ import gc
 import json
 import multiprocessing
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from bench_common import peak_bytes, reexec_for_cpu_peaks, reset_peak, sync, train_step
 
 PAPER_EPOCHS = 100
 PAPER_TRAIN_VIDEOS = 9537  # UCF101 split 1 training list
@@ -63,33 +62,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ measurement helpers
-def rss_peak_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def reset_peak(device: torch.device) -> int:
-    """Start a peak-memory measurement; returns the baseline to subtract (0 on CUDA: absolute peak)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return 0
-    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current resident set
-        fh.write("5")
-    return rss_peak_kib() * 1024
-
-
-def peak_bytes(device: torch.device, base: int) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return rss_peak_kib() * 1024 - base
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -105,20 +77,6 @@ def make_sgd(params, device: torch.device) -> tuple[torch.optim.Optimizer, bool]
         except (TypeError, RuntimeError, ValueError):
             pass
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9), False
-
-
-def train_step(model, sd, opt, scaler, clips, labels, dtype) -> None:
-    """One step in the engine's order: teacher forward, student forward, CE (+ SD), backward, step."""
-    with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype is not None):
-        target = sd.teacher_features(clips) if sd is not None else None
-        logits, feats = model.forward_features(clips)
-        loss = F.cross_entropy(logits.float(), labels)
-        if sd is not None:
-            loss = loss + sd.penalty(target, feats)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
 
 
 def timed(device, fn) -> float:
@@ -151,7 +109,7 @@ def measure_option(arch: str, width: float, frames: int, size: int, batch: int, 
            "format": "channels_last" if channels_last else "contiguous", "fused_sgd": fused}
 
     def plain():
-        train_step(model, None, opt, scaler, clips, labels, dtype)
+        train_step(model, None, opt, clips, labels, scaler, dtype)
 
     # Plain peak before any teacher exists; SD peak with a fresh teacher created after the reset,
     # so its weights count (a real cost) -- the same accounting as benchmarks/sd_overhead.py.
@@ -164,11 +122,11 @@ def measure_option(arch: str, width: float, frames: int, size: int, batch: int, 
     base = reset_peak(device)
     sd = SelfDistillation(model.encoder, weight=1.0)
     sd.snapshot()  # built after the memory-format change, as in the engine: same format as the student
-    train_step(model, sd, opt, scaler, clips, labels, dtype)
+    train_step(model, sd, opt, clips, labels, scaler, dtype)
     out["sd_peak_mib"] = peak_bytes(device, base) / 2**20
 
     def with_sd():
-        train_step(model, sd, opt, scaler, clips, labels, dtype)
+        train_step(model, sd, opt, clips, labels, scaler, dtype)
 
     for _ in range(warmup):
         with_sd()
@@ -442,10 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", default=None, help="also write every figure to FILE as JSON")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        # glibc must hand freed tensor buffers back to the OS, or the RSS hides a step's peak
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if device.type == "cpu":
+        reexec_for_cpu_peaks()  # glibc must hand freed tensor buffers back to the OS, or the RSS hides a step's peak
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible", file=sys.stderr)
         return 2
