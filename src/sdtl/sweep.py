@@ -199,11 +199,11 @@ def execute(runs: list[SweepRun], cfgs: list, config: str, sets: list[str], out:
     log.info("sweep %s: %d runs, %d finished, %d to run%s", out, len(runs), len(runs) - len(todo), len(todo),
              f" ({parallel} at a time)" if parallel > 1 and todo else "")
     if parallel <= 1:
-        return _run_in_process(todo, len(runs))
+        return _run_in_process(todo)
     return _run_children(todo, config, sets, out, parallel)
 
 
-def _run_in_process(todo, total: int) -> dict[str, str]:
+def _run_in_process(todo) -> dict[str, str]:
     from sdtl.engine.finetune import run_finetune
 
     failed = {}

@@ -312,9 +312,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     ckpt_dir = out_dir / "checkpoints"
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend),
-                           runtime_settings(cfg, info.device, optimizer))
         rt = runtime_settings(cfg, info.device, optimizer)
+        cfgmod.dump_config(cfg, out_dir / "config.yaml", "finetune", decoder_identity(cfg.data.backend), rt)
         log.info("runtime on %s: precision %s%s, channels_last %s, cuDNN autotune %s, fused optimizer %s, compile %s",
                  rt["device"], rt["amp"], " + loss scaling" if rt["grad_scaler"] else "", rt["channels_last"],
                  rt["cudnn_benchmark"], rt["fused_optimizer"], rt["compile"] or "off")

@@ -170,10 +170,13 @@ class DELTA(Regularizer):
         base = features()
         fc = _fit_linear(base, labels, num_classes, seed)
         ce_full = F.cross_entropy(fc(base), labels).item()
-        modules = dict(self.teacher.named_modules())
+        self._teacher_maps.clear()
+        probe = clips[:1].to(device)
+        self.teacher(probe.expand(2, *probe.shape[1:]))  # 2 clips: batch statistics need more than one value
+        channels_of = {name: self._teacher_maps[name].shape[1] for name in self.layers}
         weights = []
         for name in self.layers:
-            channels = _out_channels(modules[name], clips[:1].to(device), self.teacher, name, self._teacher_maps)
+            channels = channels_of[name]
             delta = torch.empty(channels, dtype=torch.float64)
             for c in range(channels):
                 self._zero = (name, c)
@@ -205,12 +208,6 @@ class DELTA(Regularizer):
     def extra_repr(self) -> str:
         return (f"alpha={self.weight}, beta={self.head_weight}, layers={self.layers}, "
                 f"attention={'channel' if self.attention is not None else 'uniform'}, teacher_bn={self.teacher_bn!r}")
-
-
-def _out_channels(module, probe_clip, teacher, name, store) -> int:
-    store.clear()
-    teacher(probe_clip.expand(2, *probe_clip.shape[1:]))  # 2 clips: batch statistics need more than one value
-    return store[name].shape[1]
 
 
 def _fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> nn.Linear:
