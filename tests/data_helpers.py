@@ -1,4 +1,4 @@
-"""Helpers for the data tests: placeholder dataset trees and small videos whose frames can be told apart."""
+"""Helpers for the tests: placeholder dataset trees, small videos whose frames can be told apart, a free port."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,3 +55,12 @@ def read_number(frame) -> int:
     h, w = frame.shape[:2]
     bw = w // 8
     return sum(1 << b for b in range(8) if frame[4: h // 2 - 4, b * bw + 2:(b + 1) * bw - 2].mean() > 127)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for torchrun's --master_port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from data_helpers import free_port
 from sdtl.engine import finetune as ft
 from sdtl.engine.config import load_config
 from sdtl.errors import RunFailed, UserError
@@ -174,16 +174,10 @@ def test_kill_and_resume_is_bit_exact(tiny_synth, tiny_encoder, tmp_path):
         assert history == [0, 1, 2, 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes(tiny_synth, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "sdtl", "-q", "finetune", "--config", "synthetic_tiny",
+           f"--master_port={free_port()}", "-m", "sdtl", "-q", "finetune", "--config", "synthetic_tiny",
            "--out", str(out), "--set", f"data.root={tiny_synth}", "--set", "data.batch_size=2",
            "--set", "run.threads=1", "--set", "optim.lp_epochs=1"]  # epoch 1: LP-FT's head-only step outside DDP
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)

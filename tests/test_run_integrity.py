@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from data_helpers import free_port
 from sdtl.engine.config import load_config
 from sdtl.engine.runlock import LOCK_NAME, RunLock
 from sdtl.errors import UserError
@@ -123,18 +124,10 @@ def test_one_process_cannot_hold_a_run_twice_and_reading_the_lock_file_keeps_it(
     assert subprocess.run(probe, env=ENV, capture_output=True, text=True).returncode == 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_evaluate_under_torchrun_runs_under_rank_0s_lock(finished_run, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "sdtl", "-q", "evaluate", "--checkpoint",
+           f"--master_port={free_port()}", "-m", "sdtl", "-q", "evaluate", "--checkpoint",
            str(finished_run / "checkpoints" / "last.pt"), "--out", str(out), "--set", "run.threads=1"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]  # rank 1 used to be refused by rank 0's lock

@@ -15,15 +15,19 @@ from sdtl import __version__
 from sdtl.errors import RunFailed, UserError
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): the same option on every command that takes it."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--config", metavar="NAME_OR_PATH",
                    help=f"{kind} recipe name (see `sdtl recipes`) or YAML file; optional with --resume "
                         f"(then the run's own config.yaml is used)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new unless --resume)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. " + (
-                       "--set optim.lr=0.01 --set regularizer.weight=100" if kind == "finetune" else
-                       "--set optim.epochs=40 --set task.strides=[1,2,4,8]"))
+    _add_set(p, "override a config key (repeatable), e.g. " + (
+        "--set optim.lr=0.01 --set regularizer.weight=100" if kind == "finetune" else
+        "--set optim.epochs=40 --set task.strides=[1,2,4,8]"))
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue a run: 'auto' = DIR/checkpoints/last.pt if present, else start fresh; "
                         "or a checkpoint path")
@@ -194,9 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--set eval.crops=3")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="an sdtl fine-tuning checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="where results.json and confusion.png go")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's config, e.g. --set data.root=/data/UCF101 "
-                        "--set eval.num_clips=10 --set eval.crops=3")
+    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 "
+                "--set eval.num_clips=10 --set eval.crops=3")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
@@ -219,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", metavar="A,B,...", default=None,
                    help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
+    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
     p.set_defaults(func=cmd_wise)
@@ -240,8 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every run, as in finetune (repeatable)")
+    _add_set(p, "override a config key for every run, as in finetune (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="runs at a time, as child processes; on a multi-GPU box each gets one GPU (default 1)")
@@ -309,8 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD learning rate for every method (default 0.01: where plain fine-tuning forgets, see docs/compare.md)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="reuse a dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the benchmark recipe (synthetic_small) for every run, e.g. --set optim.epochs=6")
+    _add_set(p, "override a key of the benchmark recipe (synthetic_small) for every run, e.g. --set optim.epochs=6")
     p.set_defaults(func=cmd_compare)
 
     from sdtl.data import cli as data_cli
