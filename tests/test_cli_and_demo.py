@@ -98,7 +98,7 @@ def test_missing_config_without_resume_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_refuses_a_foreign_output_dir(tmp_path):
-    from sdtl.demo import run_demo
+    from sdtl.studies.demo import run_demo
     from sdtl.errors import UserError
 
     (tmp_path / "thesis.tex").write_text("important")

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-import sdtl.compare as cmp
+import sdtl.studies.compare as cmp
 from sdtl.cli import main
-from sdtl.stats import paired_difference
+from sdtl.studies.stats import paired_difference
 
 SHORT = ["optim.epochs=2", "eval.num_clips=1", "eval.val_clips=1", "eval.probe_videos=0", "run.threads=1"]
 

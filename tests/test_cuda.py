@@ -34,7 +34,7 @@ def test_fast_defaults_on_cuda(amp, tiny_synth, tmp_path):
 
 
 def test_teacher_matches_student_precision_and_format_on_cuda():
-    from sdtl.engine.training import prepare_model, to_memory_format
+    from sdtl.engine.runtime import prepare_model, to_memory_format
     from sdtl.models import build_model
     from sdtl.regularizers import SelfDistillation
 

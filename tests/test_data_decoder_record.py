@@ -8,6 +8,7 @@ import av
 import torch
 import yaml
 
+from sdtl.engine.evaluate import evaluate_checkpoint
 from sdtl.engine import finetune as ft
 from sdtl.engine.config import load_config
 
@@ -27,7 +28,7 @@ def test_decoder_is_recorded_and_a_different_one_is_flagged(tiny_synth, tmp_path
     assert (out / "video_index.jsonl").read_text().count("\n") >= 1  # the run's shared probe index
 
     with caplog.at_level(logging.WARNING):
-        ft.evaluate_checkpoint(ckpt, tmp_path / "eval_same")
+        evaluate_checkpoint(ckpt, tmp_path / "eval_same")
     assert "decoded by" not in caplog.text
 
     # a checkpoint trained with torchcodec, evaluated (and resumed) with PyAV
@@ -36,7 +37,7 @@ def test_decoder_is_recorded_and_a_different_one_is_flagged(tiny_synth, tmp_path
     torch.save(state, other)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        ft.evaluate_checkpoint(other, tmp_path / "eval_other")
+        evaluate_checkpoint(other, tmp_path / "eval_other")
     assert "trained on frames decoded by torchcodec 0.17.0" in caplog.text
     assert "--set data.backend=torchcodec" in caplog.text
     caplog.clear()

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from sdtl.demo import DemoPlan, run_demo
+from sdtl.studies.demo import DemoPlan, run_demo
 from sdtl.errors import UserError
-from sdtl.stats import describe_difference, mean_ci95, paired_difference, t_critical_95
+from sdtl.studies.stats import describe_difference, mean_ci95, paired_difference, t_critical_95
 
 TINY_FULL = DemoPlan(name="full", preset="tiny", seeds=2, pretrain=True, pool_videos=None,
                      pretrain_recipe="synthetic_tiny_pretrain", finetune_recipe="synthetic_tiny",
@@ -122,7 +122,7 @@ def test_quick_and_full_do_not_share_an_output_folder(quick_demo, tiny_synth):
 
 
 def test_default_outputs_differ_by_mode():
-    from sdtl.demo import DEFAULT_OUT
+    from sdtl.studies.demo import DEFAULT_OUT
 
     assert len(set(DEFAULT_OUT.values())) == len(DEFAULT_OUT)
 
@@ -143,7 +143,7 @@ def test_corrupt_shipped_encoder_is_refused_with_the_regeneration_command(tmp_pa
 
 def test_force_adds_to_a_foreign_folder_but_never_writes_over_its_files(tmp_path, capsys):
     from sdtl.cli import main
-    from sdtl.demo import QUICK, _claim_out
+    from sdtl.studies.demo import QUICK, _claim_out
 
     out = tmp_path / "mine"
     out.mkdir()

@@ -92,7 +92,7 @@ def test_retention_probe_scores_its_own_encoder_high_and_a_random_one_near_chanc
     the tiny preset's pool videos are the first videos of that pool."""
     from sdtl.assets import demo_encoder
     from sdtl.data.synthetic import generate_synthetic
-    from sdtl.engine.pretrain import find_videos
+    from sdtl.data.videos import find_videos
     from sdtl.models.checkpoints import safe_load
 
     data = generate_synthetic(tmp_path / "pool", preset="tiny", seed=0, pool_size=12)

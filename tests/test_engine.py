@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from data_helpers import free_port
+from sdtl.engine import build
 from sdtl.engine import finetune as ft
 from sdtl.engine.config import load_config
 from sdtl.errors import RunFailed, UserError
@@ -84,7 +85,7 @@ def test_finetune_writes_everything(tiny_synth, tiny_encoder, tmp_path):
 
 def test_pretrained_encoder_is_loaded_into_the_classifier(tiny_synth, tiny_encoder):
     cfg = tiny_cfg(tiny_synth, f"model.pretrained={tiny_encoder}")
-    model, report = ft.build_classifier(cfg, num_classes=6)
+    model, report = build.build_classifier(cfg, num_classes=6)
     enc_state = torch.load(tiny_encoder, map_location="cpu", weights_only=True)["encoder"]
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, enc_state[key]), key

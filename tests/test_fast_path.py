@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
+from sdtl.engine import build
 from sdtl.engine import finetune as ft
-from sdtl.engine import training
+from sdtl.engine import optim, runtime
 from sdtl.engine.config import load_config
 from sdtl.errors import UserError
 
@@ -32,13 +33,13 @@ def test_auto_on_cuda_picks_bf16_or_fp16_and_explicit_bf16_needs_support(monkeyp
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert training.amp_dtype("auto", cuda) is torch.bfloat16
+    assert runtime.amp_dtype("auto", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert training.amp_dtype("auto", cuda) is torch.float16  # fp16, and then a GradScaler
-    assert training.make_scaler(torch.float16, torch.device("cpu")).is_enabled()
+    assert runtime.amp_dtype("auto", cuda) is torch.float16  # fp16, and then a GradScaler
+    assert optim.make_scaler(torch.float16, torch.device("cpu")).is_enabled()
     with pytest.raises(UserError, match=r"optim.amp: bf16 is not supported by Old GPU.*optim.amp=fp16"):
-        training.amp_dtype("bf16", cuda)
-    assert training.amp_dtype("auto", torch.device("cpu")) is None
+        runtime.amp_dtype("bf16", cuda)
+    assert runtime.amp_dtype("auto", torch.device("cpu")) is None
 
 
 def test_channels_last_bf16_run_on_cpu_with_a_teacher_in_the_students_precision_and_format(tiny_synth, tmp_path):
@@ -54,13 +55,13 @@ def test_channels_last_bf16_run_on_cpu_with_a_teacher_in_the_students_precision_
     from sdtl.regularizers import SelfDistillation
 
     model = build_model("r2plus1d_vcop", 5, width=0.0625)
-    assert training.prepare_model(model, cfg, torch.device("cpu"))
+    assert runtime.prepare_model(model, cfg, torch.device("cpu"))
     sd = SelfDistillation(model.encoder, weight=1.0)
     sd.epoch_start()
     for name, p in sd.teacher.named_parameters():
         student = dict(model.encoder.named_parameters())[name]
         assert p.dtype == student.dtype and p.stride() == student.stride(), name
-    clips = training.to_memory_format(torch.randn(2, 3, 8, 16, 16), True)
+    clips = runtime.to_memory_format(torch.randn(2, 3, 8, 16, 16), True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         target = sd.prepare(clips)
         _, features = model.forward_features(clips)
@@ -99,12 +100,12 @@ def test_persistent_workers_draw_each_epochs_own_clips(tiny_synth):
     from sdtl.engine.distributed import DistInfo
 
     cfg = tiny(tiny_synth, "data.workers=2", "data.val_fraction=0")
-    train, _, _, _ = ft.build_datasets(cfg)
+    train, _, _, _ = build.build_datasets(cfg)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
     def epoch_batches(workers: int, epochs=(1, 2)):
         cfg.data.workers = workers
-        sampler, loader = training.make_train_loader(train, cfg.data, info, seed=0)
+        sampler, loader = runtime.make_train_loader(train, cfg.data, info, seed=0)
         out = []
         for epoch in epochs:
             sampler.set_epoch(epoch)

@@ -21,7 +21,7 @@ from sdtl.engine.config import (
     load_config,
     validate_ranges,
 )
-from sdtl.engine.training import build_optimizer, lr_factor
+from sdtl.engine.optim import build_optimizer, lr_factor
 from sdtl.errors import UserError
 from sdtl.regularizers import (
     BSS,

@@ -135,7 +135,7 @@ def test_evaluate_under_torchrun_runs_under_rank_0s_lock(finished_run, tmp_path)
 
 
 def test_evaluate_never_writes_over_files_and_bad_input_leaves_no_folder(finished_run, tmp_path):
-    from sdtl.engine.finetune import evaluate_checkpoint
+    from sdtl.engine.evaluate import evaluate_checkpoint
 
     out = tmp_path / "eval"
     with pytest.raises(UserError, match="no such checkpoint"):

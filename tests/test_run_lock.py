@@ -63,7 +63,7 @@ def test_cli_finetune_is_refused_while_another_process_holds_the_run(tiny_synth,
 
 
 def test_lock_file_does_not_count_as_content(tmp_path):
-    from sdtl.engine.training import resolve_resume
+    from sdtl.engine.rundir import resolve_resume
 
     run = tmp_path / "run"
     with RunLock(run, "finetune"):

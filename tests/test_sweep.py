@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdtl.cli import main
-from sdtl.sweep import parse_grid, split_values
+from sdtl.studies.sweep import parse_grid, split_values
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 GRID = ["--grid", "regularizer.weight=0,1", "--grid", "optim.lr=0.01,0.05"]
@@ -132,7 +132,7 @@ def test_foreign_folder_is_refused(tiny_synth, tmp_path, capsys):
 
 
 def test_same_grid_in_another_value_order_is_the_same_sweep():
-    from sdtl.sweep import _same_sweep
+    from sdtl.studies.sweep import _same_sweep
 
     base = {"base_config": {"optim": {"lr": 0.1}}, "seeds": 2}
     assert _same_sweep({**base, "grid": {"regularizer.weight": ["0", "1"]}},

@@ -9,7 +9,7 @@ import torch
 from sdtl.cli import main
 from sdtl.engine.config import load_config
 from sdtl.errors import UserError
-from sdtl.wise import check_same_layout, interpolate, parse_alphas, select
+from sdtl.studies.wise import check_same_layout, interpolate, parse_alphas, select
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_wise_alphas_and_selection_rule():
 
 # ------------------------------------------------------------------------------------ end to end
 def test_wise_end_to_end(wise_runs, tiny_encoder, tmp_path, capsys):
-    from sdtl.engine.finetune import evaluate_checkpoint
+    from sdtl.engine.evaluate import evaluate_checkpoint
 
     b, p = wise_runs
     out = tmp_path / "w"

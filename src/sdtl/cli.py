@@ -81,7 +81,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sdtl.engine.finetune import evaluate_checkpoint
+    from sdtl.engine.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.allow_unsafe_pickle)
     if res:
@@ -91,7 +91,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_wise(args) -> int:
-    from sdtl.wise import DEFAULT_ALPHAS, parse_alphas, run_wise, text_table
+    from sdtl.studies.wise import DEFAULT_ALPHAS, parse_alphas, run_wise, text_table
 
     alphas = parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS
     report = run_wise(args.finetuned, args.out, pretrained=args.pretrained, alphas=alphas,
@@ -141,7 +141,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from sdtl.sweep import run_sweep
+    from sdtl.studies.sweep import run_sweep
 
     import shlex
 
@@ -153,7 +153,7 @@ def cmd_sweep(args) -> int:
 def cmd_compare(args) -> int:
     import shlex
 
-    from sdtl.compare import run_compare
+    from sdtl.studies.compare import run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     run_compare(args.out, methods=methods, seeds=args.seeds, lr=args.lr, data_dir=args.data,
@@ -162,7 +162,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sdtl.demo import run_demo
+    from sdtl.studies.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seeds=args.seeds, data_dir=args.data, force=args.force,
              lr_grid=args.lr_grid)

@@ -39,12 +39,11 @@ from sdtl.data.sampling import sample_test_clips, sample_train_clip
 from sdtl.data.transforms import _tf as _load_transforms
 from sdtl.data.transforms import test_transform, train_transform
 from sdtl.data.video_io import ProbeCache, VideoDecodeError, open_video, resolve_backend
+from sdtl.data.videos import VIDEO_EXTENSIONS
 from sdtl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                    ".ogv", ".3gp", ".ts", ".mts", ".vob")
 
 
 # Datasets are opened by `sdtl data` (flag --root) and by runs (config key data.root): every hint names both.

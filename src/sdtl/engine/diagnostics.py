@@ -145,12 +145,13 @@ def make_retention_probe(pretrain_checkpoint: str | Path, videos: list[Path], si
     Pretext clips are drawn deterministically (seeded) from ``videos`` until every pretext class has
     ``clips_per_class`` clips, with the pre-training augmentation; the head is the checkpoint's.
     """
-    from sdtl.engine.pretrain import TASKS, PretextClipDataset
+    from sdtl.pretext import PRETEXT_TASKS
+    from sdtl.pretext.dataset import PretextClipDataset
 
     ckpt = torch.load(pretrain_checkpoint, map_location="cpu", weights_only=True)
     task_name, strides = ckpt["task"], ckpt["task_options"]["strides"]
     clip_len = int(ckpt.get("config", {}).get("data", {}).get("clip_len", 16))
-    task = TASKS[task_name](strides, clip_len)
+    task = PRETEXT_TASKS[task_name](strides, clip_len)
     ds = PretextClipDataset(list(videos), task, size, backend, seed + 104729, crop_area)
     per_class: dict[int, list[torch.Tensor]] = {k: [] for k in range(task.num_outputs)}
     draws = ((draw, i) for draw in range(64) for i in range(len(ds)))  # a new seeded draw per round

@@ -11,7 +11,9 @@ Called by :mod:`sdtl.engine.finetune` (validation each epoch, test at the end) a
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from sdtl.atomic import atomic_savefig, atomic_write_text
+from sdtl.data.video_io import decoder_identity
+from sdtl.engine import config as cfgmod
+from sdtl.engine import distributed as dist_utils
+from sdtl.engine.build import build_datasets
 from sdtl.engine.distributed import DistInfo, all_gather_objects
+from sdtl.engine.runtime import amp_dtype, configure_determinism, progress
+from sdtl.errors import UserError
+
+log = logging.getLogger("sdtl.evaluate")
 
 
 @dataclass
@@ -64,8 +74,6 @@ def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward:
 
     ``desc``: show a progress bar with ETA (rank 0) under that name, e.g. "validation", "test".
     """
-    from sdtl.engine.training import progress
-
     bar = progress(len(loader), desc or "", info.is_main and desc is not None)
     was_training = model.training
     model.eval()
@@ -185,3 +193,159 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically so a killed run never leaves half a file."""
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict, counts: dict | None = None) -> dict | None:
+    """Test the selected and the last checkpoint; write results.json and confusion.png."""
+    from sdtl.models.checkpoints import safe_load
+
+    ckpt_dir = out_dir / "checkpoints"
+    eval_bs = cfg.eval.batch_size or cfg.data.batch_size
+    loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
+    dtype = amp_dtype(cfg.optim.amp, info.device)
+    outputs = {}
+    for tag, path in (("selected", ckpt_dir / "best.pt"), ("last", ckpt_dir / "last.pt")):
+        if not path.exists():
+            continue
+        state = safe_load(path)
+        if tag == "last" and "selected" in outputs and outputs["selected"][1] == state["epoch"]:
+            # The selected checkpoint is the last one: same weights, same test; don't run it twice.
+            outputs[tag] = (outputs["selected"][0], state["epoch"], path, 0.0)
+            continue
+        model.load_state_dict(state["model"])
+        t0 = time.perf_counter()
+        outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype,
+                                 desc=f"test ({tag} checkpoint)" if cfg.run.progress else None), state["epoch"], path,
+                        time.perf_counter() - t0)
+    if "selected" not in outputs:
+        outputs["selected"] = outputs["last"]
+    if not info.is_main:
+        return None
+    return write_results(out_dir, cfg, classes, outputs, best, test_ds, counts)
+
+
+def protocol(cfg, split_name: str, checkpoint: str, epoch: int, selected_by: str) -> dict:
+    return {
+        "split": f"{cfg.data.dataset} split {cfg.data.split} ({split_name} list)",
+        "views": cfg.eval.num_clips, "crops": cfg.eval.crops,
+        "crop": "centre square (side = min(H, W)) resized to %d" % cfg.data.size
+        if cfg.eval.crops == 1 else "3 square crops along the long side, resized to %d" % cfg.data.size,
+        "clip": f"{cfg.data.clip_len} frames, stride {cfg.data.stride}",
+        "decoder": decoder_identity(cfg.data.backend),
+        "aggregation": "mean of raw logits over all clips of a video",
+        "checkpoint": checkpoint, "epoch": epoch, "selected_by": selected_by,
+    }
+
+
+def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_ds, counts: dict | None = None) -> dict:
+    sel, sel_epoch, sel_path, sel_time = outputs["selected"]
+    last, last_epoch, last_path, _ = outputs["last"]
+    rel = (lambda p: str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p))
+    selected_by = (f"best {best['metric']} on the validation part of the training list"
+                   if best.get("epoch") and cfg.eval.select != "last" else "last epoch")
+    metrics = {k: v for k, v in sel.metrics.items() if k != "per_class_acc"}
+    results = {
+        **metrics,
+        "protocol": protocol(cfg, "test", rel(sel_path), sel_epoch, selected_by),
+        "per_class_acc": dict(zip(classes, sel.metrics["per_class_acc"])),
+        "num_test_videos": sel.num_videos, "num_test_clips": sel.num_clips, **(counts or {}),
+        "skipped_corrupt": len(sel.failed), "eval_time_s": sel_time,
+        "selected": {"checkpoint": rel(sel_path), "epoch": sel_epoch, **metrics},
+        "last": {"checkpoint": rel(last_path), "epoch": last_epoch,
+                 **{k: v for k, v in last.metrics.items() if k != "per_class_acc"}},
+        "regularizer": cfgmod.to_dict(cfg)["regularizer"],
+        "pretrained": cfg.model.pretrained,
+        "_failed": sel.failed,
+    }
+    if not sel.failed or cfg.eval.skip_corrupt:
+        write_json(out_dir / "results.json", {k: v for k, v in results.items() if k != "_failed"})
+        plot_confusion(sel.confusion, list(classes), out_dir / "confusion.png",
+                       f"video-level confusion (epoch {sel_epoch}, acc@1 {metrics['video_acc1']:.1f}%)")
+        log.info("test (selected, epoch %d): video acc@1 %.2f acc@5 %.2f | clip acc@1 %.2f | mean-class %.2f",
+                 sel_epoch, metrics["video_acc1"], metrics["video_acc5"], metrics["clip_acc1"],
+                 metrics["mean_class_acc"])
+    return results
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
+                        allow_unsafe_pickle: bool = False) -> dict:
+    """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
+    from sdtl.engine.runlock import rank0_lock
+    from sdtl.engine.rundir import remove_if_only_bookkeeping
+
+    out_dir = Path(out_dir)
+    _refuse_existing_results(out_dir)
+    created = not out_dir.exists()
+    try:
+        with rank0_lock(out_dir, "evaluate"):
+            return _evaluate_checkpoint(checkpoint, out_dir, overrides, allow_unsafe_pickle)
+    except UserError:
+        if created and out_dir.is_dir():
+            remove_if_only_bookkeeping(out_dir)  # bad input leaves no folder behind
+        raise
+
+
+def _refuse_existing_results(out_dir: Path) -> None:
+    # evaluate writes these two names; never over a file it did not write in this call.
+    taken = [name for name in ("results.json", "confusion.png") if (out_dir / name).exists()]
+    if taken:
+        raise UserError(f"--out {out_dir}: already holds {' and '.join(taken)}; choose another --out directory")
+
+
+def checkpoint_config(payload: dict, overrides: list[str] | None = None):
+    """The config stored in a fine-tune checkpoint, with ``--set`` overrides applied and validated."""
+    base = payload.get("config") or {}
+    merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
+    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
+    cfgmod.validate_ranges(cfg)
+    return cfg
+
+
+def check_checkpoint_data(what: str, payload: dict, cfg, classes, info) -> None:
+    """Refuse a dataset whose classes differ from the checkpoint's; warn about a different decoder."""
+    if list(classes) != list(payload.get("class_names", classes)):
+        raise UserError(f"{what}: its classes differ from the test list of {cfg.data.root}; evaluate on "
+                        f"the dataset it was trained on")
+    trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
+    if trained_with and trained_with != evaluating_with and info.is_main:
+        log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
+                    "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
+                    trained_with, evaluating_with, trained_with.split()[0])
+
+
+def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pickle: bool) -> dict:
+    from sdtl.data.corrupt import check_failures
+    from sdtl.models.checkpoints import build_model_from_checkpoint
+
+    _refuse_existing_results(out_dir)  # written by a process that held the lock before us
+    model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    cfg = checkpoint_config(payload, overrides)
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        configure_determinism(cfg.run.deterministic, cfg.run.threads)
+        _, _, test_ds, classes = build_datasets(cfg, need_train=False)
+        check_checkpoint_data(f"--checkpoint {checkpoint}", payload, cfg, classes, info)
+        model.to(info.device)
+        eval_bs = cfg.eval.batch_size or cfg.data.batch_size
+        loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
+        t0 = time.perf_counter()
+        out = evaluate(model, loader, len(classes), info, eval_bs, amp_dtype(cfg.optim.amp, info.device),
+                       desc="test" if cfg.run.progress else None)
+        elapsed = time.perf_counter() - t0
+        if not info.is_main:
+            return {}
+        skipped = check_failures(out.failed, skip=cfg.eval.skip_corrupt)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: v for k, v in out.metrics.items() if k != "per_class_acc"}
+        results = {**metrics,
+                   "protocol": protocol(cfg, "test", str(Path(checkpoint).resolve()), payload.get("epoch"),
+                                        "given checkpoint"),
+                   "per_class_acc": dict(zip(classes, out.metrics["per_class_acc"])),
+                   "num_test_videos": out.num_videos, "num_test_clips": out.num_clips,
+                   "skipped_corrupt": skipped or 0, "eval_time_s": elapsed}
+        write_json(out_dir / "results.json", results)
+        plot_confusion(out.confusion, list(classes), out_dir / "confusion.png",
+                       f"video-level confusion (acc@1 {metrics['video_acc1']:.1f}%)")
+        return results
+    finally:
+        dist_utils.teardown()

@@ -41,131 +41,36 @@ from sdtl.data.video_io import decoder_identity
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
-from sdtl.engine.evaluate import evaluate, make_eval_loader, plot_confusion, write_json
+from sdtl.engine.evaluate import evaluate, make_eval_loader
 from sdtl.engine.reporting import REG_PARTS, RunLog
-from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
-                                  check_finite, configure_determinism, make_scaler, make_train_loader,
-                                  maybe_compile, optimizer_step, prepare_model, progress, record_config_changes,
-                                  restore_rng, restore_scaler, run_in_process_group, runtime_settings,
-                                  seed_everything, start_run, to_memory_format)
-from sdtl.engine.training import config_changes  # noqa: F401  (moved to training; sdtl.demo imports it from here)
+from sdtl.engine.build import (_probe_clips, build_classifier, build_datasets, build_run_regularizer,
+                               describe_method)
+from sdtl.engine.evaluate import final_test
+from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
+from sdtl.engine.rundir import record_config_changes, run_in_process_group, start_run
+from sdtl.engine.runtime import (EpochMeter, amp_dtype, capture_rng, check_finite, make_train_loader, maybe_compile,
+                                 prepare_model, progress, restore_rng, runtime_settings, seed_everything,
+                                 to_memory_format)
+from sdtl.models.classifier import FeaturesAndLogits, model_options
 from sdtl.errors import UserError
-from sdtl.regularizers import DELTA, Regularizer, build_regularizer
+from sdtl.regularizers import Regularizer
 
 log = logging.getLogger("sdtl.finetune")
 
 CHECKPOINT_VERSION = 1
 
 
-class FeaturesAndLogits(nn.Module):
-    """Wraps a VideoClassifier so that one DDP-visible forward returns logits and features."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.forward_features(x)
 
 
 # ----------------------------------------------------------------------------------- building
-def model_options(cfg) -> dict:
-    """Architecture options recorded in checkpoints (what `build_model` needs besides the arch)."""
-    opts = {"dropout": cfg.model.dropout}
-    if cfg.model.width != 1.0:
-        opts["width"] = cfg.model.width
-    return opts
 
 
-def build_datasets(cfg, need_train: bool = True):
-    """(train, val, test) datasets and the class names, from lists only (no decoding)."""
-    from sdtl.data.datasets import VideoClipDataset, list_records, stratified_split
-
-    d = cfg.data
-    if not d.root:
-        raise UserError("config key data.root: empty; point it at the dataset folder, e.g. "
-                        "--set data.root=/data/UCF101 (for the demo data: `sdtl synth --out DIR` first)")
-    common = dict(clip_len=d.clip_len, stride=d.stride, size=d.size, backend=d.backend, seed=cfg.run.seed)
-    test_records, classes = list_records(d.dataset, d.root, split=d.split, subset="test",
-                                         lists_dir=d.lists_dir, on_missing=d.on_missing)
-    test = VideoClipDataset(test_records, classes, mode="test", num_clips=cfg.eval.num_clips,
-                            crops=cfg.eval.crops, skip_corrupt=True, **common)
-    if not need_train:
-        return None, None, test, classes
-    records, train_classes = list_records(d.dataset, d.root, split=d.split, subset="train",
-                                          lists_dir=d.lists_dir, on_missing=d.on_missing)
-    if list(train_classes) != list(classes):
-        raise UserError(f"data.root {d.root}: train and test lists disagree on the classes; check the "
-                        f"split lists")
-    if d.val_fraction > 0:
-        train_records, val_records = stratified_split(records, fraction=d.val_fraction, seed=cfg.run.seed)
-    else:
-        train_records, val_records = records, []
-    train = VideoClipDataset(train_records, classes, mode="train", skip_corrupt=True,
-                             crop_area=tuple(d.crop_area), **common)
-    val = (VideoClipDataset(val_records, classes, mode="test", num_clips=cfg.eval.val_clips, crops=1,
-                            skip_corrupt=True, **common) if val_records else None)
-    return train, val, test, classes
 
 
-def build_classifier(cfg, num_classes: int, load_pretrained: bool = True):
-    from sdtl.models import build_model
-    from sdtl.models.checkpoints import load_encoder_weights
-
-    model = build_model(cfg.model.arch, num_classes, **model_options(cfg))
-    report = None
-    if load_pretrained and cfg.model.pretrained:
-        report = load_encoder_weights(model.encoder, cfg.model.pretrained, cfg.model.arch,
-                                      allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-    return model, report
 
 
-def _probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7919):
-    """A fixed batch of centre clips from training videos (the same for every epoch and resume) and
-    their labels: ``(clips [N, C, T, H, W], labels [N])``."""
-    from sdtl.data.datasets import VideoClipDataset
-
-    g = torch.Generator().manual_seed(cfg.run.seed + salt)
-    order = torch.randperm(len(train_ds.records), generator=g).tolist()
-    chosen = [train_ds.records[i] for i in order[: cfg.eval.probe_videos if count is None else count]]
-    ds = VideoClipDataset(chosen, classes, mode="test", num_clips=1, crops=1, clip_len=cfg.data.clip_len,
-                          stride=cfg.data.stride, size=cfg.data.size, backend=cfg.data.backend,
-                          seed=cfg.run.seed, skip_corrupt=True)
-    items = [ds[i] for i in range(len(ds))]
-    items = [it for it in items if it["video"].shape[0] > 0]
-    if not items:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return (torch.stack([it["video"][0] for it in items]),
-            torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long))
 
 
-def build_run_regularizer(cfg, model, train_ds, classes, state, info) -> Regularizer | None:
-    """The configured regularizer on the model as loaded; on resume, its state from the checkpoint.
-
-    DELTA's channel attention is computed here once (fresh runs) and stored in checkpoints.
-    """
-    r = cfg.regularizer
-    try:
-        reg = build_regularizer(r, model.encoder, model.head)
-    except ValueError as exc:
-        raise UserError(f"config section regularizer: {exc}") from None
-    if reg is None:
-        return None
-    reg.to(info.device)
-    if state is not None:
-        try:
-            reg.load_checkpoint_state(state.get("regularizer_state"))
-        except ValueError as exc:
-            raise UserError(f"--resume: cannot restore the {r.name} regularizer ({exc}); resume with the "
-                            f"run's own config") from None
-    elif isinstance(reg, DELTA) and r.attention == "channel":
-        t0 = time.perf_counter()
-        clips, labels = _probe_clips(cfg, train_ds, classes, count=r.attention_samples, salt=104729)
-        reg.compute_attention(clips, labels, len(classes), batch_size=cfg.data.batch_size, seed=cfg.run.seed)
-        if info.is_main:
-            log.info("DELTA channel attention from %d clips over %s in %.1f s", len(clips), reg.layers,
-                     time.perf_counter() - t0)
-    return reg
 
 
 # ------------------------------------------------------------------------------------ training
@@ -407,101 +312,12 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     return results if info.is_main else None
 
 
-def final_test(cfg, model, test_ds, classes, out_dir: Path, info, best: dict, counts: dict | None = None) -> dict | None:
-    """Test the selected and the last checkpoint; write results.json and confusion.png."""
-    from sdtl.models.checkpoints import safe_load
-
-    ckpt_dir = out_dir / "checkpoints"
-    eval_bs = cfg.eval.batch_size or cfg.data.batch_size
-    loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
-    dtype = amp_dtype(cfg.optim.amp, info.device)
-    outputs = {}
-    for tag, path in (("selected", ckpt_dir / "best.pt"), ("last", ckpt_dir / "last.pt")):
-        if not path.exists():
-            continue
-        state = safe_load(path)
-        if tag == "last" and "selected" in outputs and outputs["selected"][1] == state["epoch"]:
-            # The selected checkpoint is the last one: same weights, same test; don't run it twice.
-            outputs[tag] = (outputs["selected"][0], state["epoch"], path, 0.0)
-            continue
-        model.load_state_dict(state["model"])
-        t0 = time.perf_counter()
-        outputs[tag] = (evaluate(model, loader, len(classes), info, eval_bs, dtype,
-                                 desc=f"test ({tag} checkpoint)" if cfg.run.progress else None), state["epoch"], path,
-                        time.perf_counter() - t0)
-    if "selected" not in outputs:
-        outputs["selected"] = outputs["last"]
-    if not info.is_main:
-        return None
-    return write_results(out_dir, cfg, classes, outputs, best, test_ds, counts)
 
 
-def protocol(cfg, split_name: str, checkpoint: str, epoch: int, selected_by: str) -> dict:
-    return {
-        "split": f"{cfg.data.dataset} split {cfg.data.split} ({split_name} list)",
-        "views": cfg.eval.num_clips, "crops": cfg.eval.crops,
-        "crop": "centre square (side = min(H, W)) resized to %d" % cfg.data.size
-        if cfg.eval.crops == 1 else "3 square crops along the long side, resized to %d" % cfg.data.size,
-        "clip": f"{cfg.data.clip_len} frames, stride {cfg.data.stride}",
-        "decoder": decoder_identity(cfg.data.backend),
-        "aggregation": "mean of raw logits over all clips of a video",
-        "checkpoint": checkpoint, "epoch": epoch, "selected_by": selected_by,
-    }
 
 
-def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_ds, counts: dict | None = None) -> dict:
-    sel, sel_epoch, sel_path, sel_time = outputs["selected"]
-    last, last_epoch, last_path, _ = outputs["last"]
-    rel = (lambda p: str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p))
-    selected_by = (f"best {best['metric']} on the validation part of the training list"
-                   if best.get("epoch") and cfg.eval.select != "last" else "last epoch")
-    metrics = {k: v for k, v in sel.metrics.items() if k != "per_class_acc"}
-    results = {
-        **metrics,
-        "protocol": protocol(cfg, "test", rel(sel_path), sel_epoch, selected_by),
-        "per_class_acc": dict(zip(classes, sel.metrics["per_class_acc"])),
-        "num_test_videos": sel.num_videos, "num_test_clips": sel.num_clips, **(counts or {}),
-        "skipped_corrupt": len(sel.failed), "eval_time_s": sel_time,
-        "selected": {"checkpoint": rel(sel_path), "epoch": sel_epoch, **metrics},
-        "last": {"checkpoint": rel(last_path), "epoch": last_epoch,
-                 **{k: v for k, v in last.metrics.items() if k != "per_class_acc"}},
-        "regularizer": cfgmod.to_dict(cfg)["regularizer"],
-        "pretrained": cfg.model.pretrained,
-        "_failed": sel.failed,
-    }
-    if not sel.failed or cfg.eval.skip_corrupt:
-        write_json(out_dir / "results.json", {k: v for k, v in results.items() if k != "_failed"})
-        plot_confusion(sel.confusion, list(classes), out_dir / "confusion.png",
-                       f"video-level confusion (epoch {sel_epoch}, acc@1 {metrics['video_acc1']:.1f}%)")
-        log.info("test (selected, epoch %d): video acc@1 %.2f acc@5 %.2f | clip acc@1 %.2f | mean-class %.2f",
-                 sel_epoch, metrics["video_acc1"], metrics["video_acc5"], metrics["clip_acc1"],
-                 metrics["mean_class_acc"])
-    return results
 
 
-def describe_method(cfg) -> str:
-    """One line naming the method of a run: regularizer (or plain), LP-FT, layer-wise decay."""
-    r, o = cfg.regularizer, cfg.optim
-    if r.name == "none" or r.weight == 0:
-        out = "plain fine-tuning (no regularizer)"
-    elif r.name == "sd":
-        every = f", teacher refreshed every {r.snapshot_every} steps" if r.snapshot_every else ""
-        out = f"self-distillation λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn}{every})"
-    elif r.name == "fixed_teacher":
-        out = f"distillation from the fixed pre-trained encoder λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn})"
-    elif r.name == "ema_sd":
-        out = f"self-distillation from an EMA teacher λ={r.weight:g} (decay {r.ema_decay:g}, {r.reduction})"
-    elif r.name == "l2sp":
-        out = f"L2-SP α={r.weight:g} β={r.head_weight:g}"
-    elif r.name == "delta":
-        out = f"DELTA α={r.weight:g} β={r.head_weight:g} (attention {r.attention})"
-    else:
-        out = f"BSS η={r.weight:g} k={r.k}"
-    if o.lp_epochs:
-        out += f" | LP-FT: head alone for {o.lp_epochs} epoch(s)"
-    if o.layer_decay < 1:
-        out += f" | layer-wise lr decay {o.layer_decay:g}"
-    return out
 
 
 def _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info) -> None:
@@ -525,85 +341,11 @@ def _log_epoch_line(record: dict, cfg, eta_s: float | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------- evaluate
-def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-                        allow_unsafe_pickle: bool = False) -> dict:
-    """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
-    from sdtl.engine.runlock import rank0_lock
-    from sdtl.engine.training import _remove_if_only_bookkeeping
-
-    out_dir = Path(out_dir)
-    _refuse_existing_results(out_dir)
-    created = not out_dir.exists()
-    try:
-        with rank0_lock(out_dir, "evaluate"):
-            return _evaluate_checkpoint(checkpoint, out_dir, overrides, allow_unsafe_pickle)
-    except UserError:
-        if created and out_dir.is_dir():
-            _remove_if_only_bookkeeping(out_dir)  # bad input leaves no folder behind
-        raise
 
 
-def _refuse_existing_results(out_dir: Path) -> None:
-    # evaluate writes these two names; never over a file it did not write in this call.
-    taken = [name for name in ("results.json", "confusion.png") if (out_dir / name).exists()]
-    if taken:
-        raise UserError(f"--out {out_dir}: already holds {' and '.join(taken)}; choose another --out directory")
 
 
-def checkpoint_config(payload: dict, overrides: list[str] | None = None):
-    """The config stored in a fine-tune checkpoint, with ``--set`` overrides applied and validated."""
-    base = payload.get("config") or {}
-    merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
-    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
-    cfgmod.validate_ranges(cfg)
-    return cfg
 
 
-def check_checkpoint_data(what: str, payload: dict, cfg, classes, info) -> None:
-    """Refuse a dataset whose classes differ from the checkpoint's; warn about a different decoder."""
-    if list(classes) != list(payload.get("class_names", classes)):
-        raise UserError(f"{what}: its classes differ from the test list of {cfg.data.root}; evaluate on "
-                        f"the dataset it was trained on")
-    trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
-    if trained_with and trained_with != evaluating_with and info.is_main:
-        log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
-                    "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
-                    trained_with, evaluating_with, trained_with.split()[0])
 
 
-def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pickle: bool) -> dict:
-    from sdtl.data.corrupt import check_failures
-    from sdtl.models.checkpoints import build_model_from_checkpoint
-
-    _refuse_existing_results(out_dir)  # written by a process that held the lock before us
-    model, payload = build_model_from_checkpoint(checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
-    cfg = checkpoint_config(payload, overrides)
-    info = dist_utils.setup(cfg.run.device)
-    try:
-        configure_determinism(cfg.run.deterministic, cfg.run.threads)
-        _, _, test_ds, classes = build_datasets(cfg, need_train=False)
-        check_checkpoint_data(f"--checkpoint {checkpoint}", payload, cfg, classes, info)
-        model.to(info.device)
-        eval_bs = cfg.eval.batch_size or cfg.data.batch_size
-        loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)
-        t0 = time.perf_counter()
-        out = evaluate(model, loader, len(classes), info, eval_bs, amp_dtype(cfg.optim.amp, info.device),
-                       desc="test" if cfg.run.progress else None)
-        elapsed = time.perf_counter() - t0
-        if not info.is_main:
-            return {}
-        skipped = check_failures(out.failed, skip=cfg.eval.skip_corrupt)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {k: v for k, v in out.metrics.items() if k != "per_class_acc"}
-        results = {**metrics,
-                   "protocol": protocol(cfg, "test", str(Path(checkpoint).resolve()), payload.get("epoch"),
-                                        "given checkpoint"),
-                   "per_class_acc": dict(zip(classes, out.metrics["per_class_acc"])),
-                   "num_test_videos": out.num_videos, "num_test_clips": out.num_clips,
-                   "skipped_corrupt": skipped or 0, "eval_time_s": elapsed}
-        write_json(out_dir / "results.json", results)
-        plot_confusion(out.confusion, list(classes), out_dir / "confusion.png",
-                       f"video-level confusion (acc@1 {metrics['video_acc1']:.1f}%)")
-        return results
-    finally:
-        dist_utils.teardown()

@@ -20,131 +20,34 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.reporting import RunLog
-from sdtl.engine.training import (EpochMeter, amp_dtype, build_fast_optimizer, build_scheduler, capture_rng,
-                                  make_scaler, maybe_compile, optimizer_step, prepare_model, restore_scaler,
-                                  runtime_settings, to_memory_format,
-                                  check_finite, make_train_loader, progress, record_config_changes,
-                                  restore_rng, run_in_process_group, seed_everything, start_run)
+from sdtl.data.videos import find_videos
+from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
+from sdtl.engine.rundir import record_config_changes, run_in_process_group, start_run
+from sdtl.engine.runtime import (EpochMeter, amp_dtype, capture_rng, check_finite, make_train_loader, maybe_compile,
+                                 prepare_model, progress, restore_rng, runtime_settings, seed_everything,
+                                 to_memory_format)
+from sdtl.models.classifier import model_options
+from sdtl.pretext import PRETEXT_TASKS, PretextModel
+from sdtl.pretext.dataset import PretextClipDataset
 from sdtl.errors import UserError
 
 log = logging.getLogger("sdtl.pretrain")
 
-VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v"}
 
 
-class SpeedPrediction:
-    """Classify the frame stride (playback speed) a clip was sampled with."""
-
-    def __init__(self, strides: list[int], clip_len: int) -> None:
-        if not strides or any(s < 1 for s in strides) or len(set(strides)) != len(strides):
-            raise UserError(f"config key task.strides: {strides} must be distinct integers >= 1, e.g. [1, 2, 4, 8]")
-        self.strides = list(strides)
-        self.clip_len = clip_len
-        self.num_outputs = len(strides)
-
-    def sample(self, num_frames: int, generator: torch.Generator) -> tuple[list[int], int]:
-        from sdtl.data.sampling import sample_train_clip
-
-        target = int(torch.randint(len(self.strides), (1,), generator=generator))
-        indices = sample_train_clip(num_frames, self.clip_len, self.strides[target], generator)
-        return indices, target
-
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target)
 
 
-TASKS = {"speed": SpeedPrediction}
 
 
-def find_videos(root: str, list_file: str | None) -> list[Path]:
-    """The unlabelled pool: ``root/unlabelled`` (sdtl synth layout), a list file, or every video under root."""
-    base = Path(root)
-    if not root or not base.is_dir():
-        raise UserError(f"config key data.root: {root!r} is not a folder; point it at unlabelled videos "
-                        f"(e.g. the folder `sdtl synth --out DIR` wrote)")
-    if list_file is None and (base / "lists" / "unlabelled.txt").exists():
-        list_file = str(base / "lists" / "unlabelled.txt")
-    if list_file is not None:
-        lf = Path(list_file)
-        if not lf.is_file():
-            raise UserError(f"config key data.list_file: {list_file} not found; give a text file of video paths")
-        paths, missing = [], []
-        for n, line in enumerate(lf.read_text().splitlines(), start=1):
-            name = line.strip().split()[0] if line.strip() else ""
-            if not name:
-                continue
-            p = base / name
-            (paths if p.exists() else missing).append(p)
-        if missing:
-            raise UserError(f"data.list_file {list_file}: {len(missing)} listed videos are missing under {root} "
-                            f"(first: {', '.join(str(m) for m in missing[:3])}); fix the list or the root")
-    else:
-        paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-    if not paths:
-        raise UserError(f"config key data.root: no videos found under {root} "
-                        f"({', '.join(sorted(VIDEO_SUFFIXES))}); check the path")
-    return paths
 
 
-class PretextClipDataset(torch.utils.data.Dataset):
-    """Unlabelled videos -> (augmented clip, pretext target). Undecodable videos are replaced."""
-
-    def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int,
-                 crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
-        self.paths = paths
-        self.task = task
-        self.size = size
-        self.crop_area = crop_area
-        self.backend = backend
-        self.seed = seed
-        self.epoch = 0
-        self.probe_cache = None  # the run's ProbeCache (video_index.jsonl): each video probed once per run
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        from sdtl.data.datasets import sample_generator
-        from sdtl.data.transforms import train_transform
-        from sdtl.data.video_io import VideoDecodeError, open_video
-
-        epoch = self.epoch
-        if isinstance(index, tuple):  # (epoch, index) from EpochSampler (persistent workers)
-            epoch, index = index
-        g = sample_generator(self.seed, epoch, index)
-        failed = []
-        for _attempt in range(10):
-            path = self.paths[index]
-            try:
-                with open_video(path, self.backend, self.probe_cache) as reader:
-                    indices, target = self.task.sample(reader.num_frames, g)
-                    frames = reader.get_frames(indices)
-                video = train_transform(frames, self.size, generator=g, scale=self.crop_area)
-                return {"video": video, "label": target, "video_index": index, "clip_index": 0, "failed": failed}
-            except VideoDecodeError as exc:
-                failed.append((str(path), str(exc)))
-                index = int(torch.randint(len(self.paths), (1,), generator=g))
-        raise VideoDecodeError(self.paths[index], "10 videos in a row failed to decode; check the dataset "
-                                                  "with `sdtl data check --decode`")
 
 
-class PretextModel(nn.Module):
-    def __init__(self, encoder: nn.Module, num_outputs: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.feature_dim, num_outputs)
-
-    def forward(self, x):
-        return self.head(self.encoder(x))
 
 
 def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None) -> Path | None:
@@ -154,13 +57,12 @@ def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     from sdtl.data.corrupt import CorruptVideoTracker
-    from sdtl.engine.finetune import model_options
     from sdtl.models import build_encoder
     from sdtl.models.checkpoints import save_checkpoint
 
     resume_path, state = start_run(cfg, out_dir, resume, info, "pretrain")
     dtype = amp_dtype(cfg.optim.amp, info.device)
-    task = TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
+    task = PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list_file)
     seed_everything(cfg.run.seed)
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
@@ -272,7 +174,6 @@ def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Pat
 
 def _payload(cfg, model: PretextModel, epoch: int, history: list, optimizer=None, scheduler=None,
              scaler=None) -> dict:
-    from sdtl.engine.finetune import model_options
 
     payload = {
         "sdtl_format": "pretrain", "version": 1, "arch": cfg.model.arch,

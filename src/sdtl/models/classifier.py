@@ -108,3 +108,22 @@ class VideoClassifier(nn.Module):
 def build_model(arch: str, num_classes: int, dropout: float = 0.0, **options: Any) -> VideoClassifier:
     """``VideoClassifier(build_encoder(arch, **options), num_classes, dropout)`` with random weights."""
     return VideoClassifier(build_encoder(arch, **options), num_classes, dropout=dropout)
+
+
+class FeaturesAndLogits(nn.Module):
+    """Wraps a VideoClassifier so that one DDP-visible forward returns logits and features."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
+
+
+def model_options(cfg) -> dict:
+    """Architecture options recorded in checkpoints (what `build_model` needs besides the arch)."""
+    opts = {"dropout": cfg.model.dropout}
+    if cfg.model.width != 1.0:
+        opts["width"] = cfg.model.width
+    return opts

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from sdtl.atomic import atomic_copy, atomic_savefig, atomic_write_text
 from sdtl.errors import UserError
-from sdtl.stats import describe_difference, mean_std, paired_difference
+from sdtl.studies.stats import describe_difference, mean_std, paired_difference
 
 log = logging.getLogger("sdtl.demo")
 
@@ -165,7 +165,8 @@ def _retention_probe_for(encoder: Path, data: Path, plan: DemoPlan, path: Path) 
     if path.exists():
         return path
     from sdtl.engine import config as cfgmod
-    from sdtl.engine.pretrain import find_videos, write_retention_probe
+    from sdtl.data.videos import find_videos
+    from sdtl.engine.pretrain import write_retention_probe
 
     pcfg = cfgmod.load_config(plan.pretrain_recipe, [f"data.root={data}"], kind="pretrain")
     return write_retention_probe(encoder, find_videos(str(data), None)[:48], pcfg, path)
@@ -193,7 +194,7 @@ def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
     from sdtl.engine import config as cfgmod
     from sdtl.engine.diagnostics import RetentionProbe
     from sdtl.engine.pretrain import run_pretrain
-    from sdtl.engine.training import check_same_config
+    from sdtl.engine.rundir import check_same_config
     from sdtl.models import build_encoder
     from sdtl.models.checkpoints import safe_load
 
@@ -252,7 +253,7 @@ def _run_specs(plan: DemoPlan, n_seeds: int) -> list[RunSpec]:
 def _finetune_all(out: Path, plan: DemoPlan, specs: list[RunSpec], data: Path, encoder: dict) -> list[dict]:
     from sdtl.engine import config as cfgmod
     from sdtl.engine.finetune import run_finetune
-    from sdtl.engine.training import check_same_config
+    from sdtl.engine.rundir import check_same_config
 
     results = []
     for i, spec in enumerate(specs, start=1):

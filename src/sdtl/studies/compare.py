@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sdtl.atomic import atomic_write_text
 from sdtl.errors import UserError
-from sdtl.stats import describe_difference, paired_difference
+from sdtl.studies.stats import describe_difference, paired_difference
 
 log = logging.getLogger("sdtl.compare")
 
@@ -67,7 +67,7 @@ METHODS: dict[str, Method] = {
 
 
 def _runs(out: Path, methods: list[str], seeds: int):
-    from sdtl.sweep import SweepRun
+    from sdtl.studies.sweep import SweepRun
 
     runs = []
     for name in methods:
@@ -91,10 +91,10 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
                 lr: float = DEFAULT_LR, data_dir: str | None = None, command: str | None = None,
                 sets: list[str] | None = None) -> dict:
     """Run (or finish) the comparison in ``out``; ``sets`` are extra ``--set`` overrides for every run."""
-    from sdtl.demo import QUICK, _ensure_data, _prepare_encoder
+    from sdtl.studies.demo import QUICK, _ensure_data, _prepare_encoder
     from sdtl.engine import config as cfgmod
     from sdtl.engine.runlock import RunLock
-    from sdtl.sweep import execute
+    from sdtl.studies.sweep import execute
 
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -149,7 +149,7 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
 
 
 def summarise(by_method: dict, seeds: int, failed: dict, out: Path) -> dict:
-    from sdtl.sweep import collect, is_finished
+    from sdtl.studies.sweep import collect, is_finished
 
     def last(history, key):
         vals = [r[key] for r in history if isinstance(r.get(key), (int, float))]
@@ -196,7 +196,7 @@ def summarise(by_method: dict, seeds: int, failed: dict, out: Path) -> dict:
 
 
 def _mean_std(values):
-    from sdtl.stats import mean_std
+    from sdtl.studies.stats import mean_std
 
     return mean_std([v for v in values if not math.isnan(v)])
 
@@ -238,7 +238,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from sdtl.demo import _plt, _save
+    from sdtl.studies.demo import _plt, _save
 
     plt = _plt()
     names = [n for n, e in summary["methods"].items() if e["selected"]]

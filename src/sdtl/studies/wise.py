@@ -176,7 +176,7 @@ def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrid
     Bad input raises :class:`UserError` before anything is written (and leaves no folder behind).
     """
     from sdtl.engine.runlock import rank0_lock
-    from sdtl.engine.training import _remove_if_only_bookkeeping
+    from sdtl.engine.rundir import remove_if_only_bookkeeping
 
     alphas = check_alphas(alphas, "--alphas")
     out_dir = Path(out_dir)
@@ -188,7 +188,7 @@ def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrid
             return _run_wise(Path(finetuned), out_dir, pretrained, alphas, overrides, allow_unsafe_pickle)
     except UserError:
         if created and out_dir.is_dir():
-            _remove_if_only_bookkeeping(out_dir)
+            remove_if_only_bookkeeping(out_dir)
         raise
 
 
@@ -196,8 +196,9 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
     from sdtl.data.corrupt import check_failures
     from sdtl.engine import distributed as dist_utils
     from sdtl.engine.evaluate import evaluate, make_eval_loader
-    from sdtl.engine.finetune import build_datasets, check_checkpoint_data, checkpoint_config, protocol
-    from sdtl.engine.training import amp_dtype, configure_determinism
+    from sdtl.engine.build import build_datasets
+    from sdtl.engine.evaluate import check_checkpoint_data, checkpoint_config, protocol
+    from sdtl.engine.runtime import amp_dtype, configure_determinism
     from sdtl.models.checkpoints import build_model_from_checkpoint
 
     try:
@@ -324,7 +325,7 @@ def text_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    from sdtl.demo import _plt, _save
+    from sdtl.studies.demo import _plt, _save
 
     plt = _plt()
     alphas = [r["alpha"] for r in report["results"]]

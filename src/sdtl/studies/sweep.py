@@ -39,7 +39,7 @@ from pathlib import Path
 
 from sdtl.atomic import atomic_write_text
 from sdtl.errors import RunFailed, UserError
-from sdtl.stats import mean_std
+from sdtl.studies.stats import mean_std
 
 log = logging.getLogger("sdtl.sweep")
 
@@ -159,7 +159,7 @@ def claim(out: Path, identity: dict, extend: bool) -> dict | None:
     old = (json.loads(marker.read_text()) or {}).get("identity") or {}
     if old == identity or _same_sweep(old, identity):
         return old
-    from sdtl.engine.training import config_changes
+    from sdtl.engine.rundir import config_changes
 
     base_changes = config_changes(old.get("base_config") or {}, identity["base_config"])
     if base_changes:
@@ -191,7 +191,7 @@ def is_finished(run: SweepRun) -> bool:
 
 def execute(runs: list[SweepRun], cfgs: list, config: str, sets: list[str], out: Path, parallel: int) -> dict[str, str]:
     """Run what is missing; returns ``{run name: error}`` for runs that failed (the others finished)."""
-    from sdtl.engine.training import check_same_config
+    from sdtl.engine.rundir import check_same_config
 
     for run, cfg in zip(runs, cfgs):
         check_same_config(run.dir, cfg, "this sweep")
@@ -340,7 +340,7 @@ def _number(text: str) -> float | None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from sdtl.demo import _plt, _save
+    from sdtl.studies.demo import _plt, _save
 
     plt = _plt()
     keys = list(summary["grid"])

@@ -1,0 +1,40 @@
+"""Finding videos: the file suffixes sdtl reads, and the unlabelled pool of a pre-training run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtl.errors import UserError
+
+# Every suffix sdtl reads as a video, for labelled folders and unlabelled pools alike.
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".ogv", ".3gp", ".ts", ".mts", ".vob")
+
+
+def find_videos(root: str, list_file: str | None) -> list[Path]:
+    """The unlabelled pool: ``root/unlabelled`` (sdtl synth layout), a list file, or every video under root."""
+    base = Path(root)
+    if not root or not base.is_dir():
+        raise UserError(f"config key data.root: {root!r} is not a folder; point it at unlabelled videos "
+                        f"(e.g. the folder `sdtl synth --out DIR` wrote)")
+    if list_file is None and (base / "lists" / "unlabelled.txt").exists():
+        list_file = str(base / "lists" / "unlabelled.txt")
+    if list_file is not None:
+        lf = Path(list_file)
+        if not lf.is_file():
+            raise UserError(f"config key data.list_file: {list_file} not found; give a text file of video paths")
+        paths, missing = [], []
+        for n, line in enumerate(lf.read_text().splitlines(), start=1):
+            name = line.strip().split()[0] if line.strip() else ""
+            if not name:
+                continue
+            p = base / name
+            (paths if p.exists() else missing).append(p)
+        if missing:
+            raise UserError(f"data.list_file {list_file}: {len(missing)} listed videos are missing under {root} "
+                            f"(first: {', '.join(str(m) for m in missing[:3])}); fix the list or the root")
+    else:
+        paths = sorted(p for p in base.rglob("*") if p.name.lower().endswith(VIDEO_EXTENSIONS) and p.is_file())
+    if not paths:
+        raise UserError(f"config key data.root: no videos found under {root} "
+                        f"({', '.join(VIDEO_EXTENSIONS)}); check the path")
+    return paths

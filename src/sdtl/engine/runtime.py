@@ -1,0 +1,230 @@
+"""Seeding and determinism, RNG capture for exact resume, precision and memory format, compile,
+the NaN check, the train loader and the per-epoch meter and progress display.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdtl.engine.optim import use_fused
+from sdtl.errors import RunFailed, UserError
+
+
+def make_train_loader(dataset, data_cfg, info, seed: int):
+    """Shuffled, sharded (DDP) training loader; every rank gets a distinct part of each epoch.
+
+    Workers persist across epochs (no re-fork and re-import every epoch) and prefetch
+    ``data.prefetch_factor`` batches each; the sampler hands them ``(epoch, index)`` pairs, so each
+    epoch still draws its own clips and crops. Batches land in pinned memory on CUDA, for
+    ``non_blocking`` copies.
+    """
+    from sdtl.data.datasets import EpochSampler, collate_clips
+
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
+                                                               rank=info.rank, shuffle=True, seed=seed))
+    workers = data_cfg.workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
+                                         num_workers=workers, collate_fn=collate_clips,
+                                         drop_last=True, pin_memory=info.device.type == "cuda",
+                                         persistent_workers=workers > 0,
+                                         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None)
+    if len(loader) == 0:
+        raise UserError(f"config key data.batch_size: {data_cfg.batch_size} x {info.world_size} process(es) is "
+                        f"larger than the {len(dataset)} training videos; lower data.batch_size")
+    return sampler, loader
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool, threads: int, cudnn_benchmark: bool = False) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    # cuDNN autotuning picks the fastest conv algorithm per input shape (fixed shapes here); it is
+    # nondeterministic, so deterministic runs never use it.
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def capture_rng() -> dict:
+    """Every RNG the loop draws from, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py_internal, py_version, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp`` on ``device`` (None = full fp32).
+
+    ``auto``: bf16 on a CUDA card that supports it, fp16 (with a GradScaler) on one that does not,
+    fp32 on CPU. An explicit ``bf16`` or ``fp16`` also runs on CPU (CPU autocast; slow, but it lets a
+    mixed-precision config be checked without a GPU).
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if amp == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        if amp == "bf16" and not bf16_ok:
+            raise UserError(f"config key optim.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                            f"set --set optim.amp=fp16 (with loss scaling) or optim.amp=auto")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def prepare_model(model: nn.Module, cfg, device: torch.device) -> bool:
+    """Move ``model`` to ``device`` in the configured memory format; returns whether it is channels-last.
+
+    Done before any regularizer copies the encoder, so a teacher has the student's format (and runs
+    under the same autocast as the student: same precision).
+    """
+    channels_last = use_channels_last(cfg.run, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return channels_last
+
+
+def use_channels_last(run_cfg, device: torch.device) -> bool:
+    """``run.channels_last``: auto = on for CUDA (cuDNN's fast 3-D conv layout), off on CPU."""
+    return run_cfg.channels_last == "on" or (run_cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.dim() == 5 else x
+
+
+def runtime_settings(cfg, device: torch.device, optimizer=None) -> dict:
+    """What the ``auto`` options resolved to on this device (written to config.yaml as ``runtime``)."""
+    dtype = amp_dtype(cfg.optim.amp, device)
+    deterministic = cfg.run.deterministic
+    return {"device": str(device), "torch": str(torch.__version__),
+            "amp": {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "grad_scaler": dtype == torch.float16,
+            "channels_last": use_channels_last(cfg.run, device),
+            "cudnn_benchmark": device.type == "cuda" and cfg.run.cudnn_benchmark and not deterministic,
+            "fused_optimizer": bool(optimizer.defaults.get("fused")) if optimizer is not None else use_fused(cfg.optim, device),
+            "compile": cfg.run.compile and cfg.run.compile_backend}
+
+
+def maybe_compile(module: nn.Module, run_cfg, logger) -> nn.Module:
+    """``run.compile``: wrap ``module`` in ``torch.compile``; a failure names the option instead of a trace."""
+    if not run_cfg.compile:
+        return module
+    try:
+        compiled = torch.compile(module, backend=run_cfg.compile_backend)
+    except Exception as exc:  # an unknown backend fails here
+        raise UserError(f"config key run.compile: torch.compile(backend={run_cfg.compile_backend!r}) failed "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"set --set run.compile=false") from None
+    logger.info("run.compile: the model is compiled with backend %r on its first batches "
+                "(the first step of each new input shape takes longer)", run_cfg.compile_backend)
+    return _FirstCallGuard(compiled, run_cfg.compile_backend)
+
+
+class _FirstCallGuard(nn.Module):
+    """Turns an exception from compilation (which happens on the first call) into a UserError."""
+
+    def __init__(self, compiled: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.backend = backend
+        self.checked = False
+
+    def forward(self, *args, **kwargs):
+        if self.checked:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as exc:
+            raise UserError(f"config key run.compile: compiling the model failed with backend {self.backend!r} "
+                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}); set "
+                            f"--set run.compile=false") from None
+        self.checked = True
+        return out
+
+
+def check_finite(parts: dict[str, torch.Tensor], epoch: int, step: int, last_good: str) -> None:
+    """Stop on a NaN/Inf loss, naming the step and the loss part (the last checkpoint is kept)."""
+    for name, value in parts.items():
+        if not torch.isfinite(value).all():
+            raise RunFailed(f"loss part '{name}' became {float(value.detach())} at epoch {epoch}, step {step}; "
+                            f"training stopped. The last good checkpoint is {last_good}. Lower optim.lr, "
+                            f"enable optim.grad_clip, or lower regularizer.weight, then resume from it")
+
+
+class EpochMeter:
+    """Running sums for one epoch: loss parts, clips/s, and the share of time spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.clips = 0
+        self.data_time = 0.0
+        self.start = time.perf_counter()
+        self._mark = self.start
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_time += now - self._mark
+        self._mark = now
+
+    def step_done(self, parts: dict[str, float], clips: int) -> None:
+        self.steps += 1
+        self.clips += clips
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self._mark = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+    def summary(self) -> dict[str, float]:
+        el = max(self.elapsed, 1e-9)
+        return {"clips_per_s": self.clips / el, "data_wait": self.data_time / el, "epoch_time_s": el}
+
+    def postfix(self, lr: float) -> dict[str, str]:
+        m = self.means()
+        s = self.summary()
+        out = {k: f"{v:.4g}" for k, v in m.items()}
+        out.update(lr=f"{lr:.3g}", clips_s=f"{s['clips_per_s']:.1f}", wait=f"{100 * s['data_wait']:.0f}%")
+        return out
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
