@@ -179,7 +179,7 @@ def test_width_mismatch_reports_shapes(tmp_path):
     export_encoder(quarter, path)
     with pytest.raises(UserError, match=r"48 shape-mismatched key\(s\): conv1\.weight \(file 16x3x3x3x3 vs model 64x3x3x3x3\)"):
         load_encoder_weights(build_encoder("c3d"), path, "c3d")
-    with pytest.raises(UserError, match=r"look like arch 'c3d' \(width=0.25\): use it with `--set model.arch=c3d --set model.width=0.25`"):
+    with pytest.raises(UserError, match=r"look like arch 'c3d' \(width=0.25\): use it with `model\.arch=c3d model\.width=0\.25` \(config keys"):
         load_encoder_weights(build_encoder("c3d"), path, "c3d")
 
 

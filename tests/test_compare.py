@@ -37,14 +37,17 @@ def test_compare_selects_on_validation_and_pairs_with_plain(small_data, tmp_path
     chosen, ref = sd["points"][sd["selected"]], plain["points"]["default"]
     assert sd["vs_plain"]["mean"] == pytest.approx(paired_difference(chosen["test"], ref["test"])["mean"])
     md = (out / "compare.md").read_text()
+    assert summary["num_classes"] == 5 and "acc@5" not in md.lower()  # with 5 classes acc@5 is always 100
     assert f"regularizer.weight={sd['selected'].split('=')[1]}" in md and (out / "compare.png").exists()
     saved = json.loads((out / "compare.json").read_text())
     assert saved["methods"]["sd"]["selected"] == sd["selected"]
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/results.json")}
     assert len(stamps) == 6
-    cmp.run_compare(out, methods=["sd"], seeds=2, data_dir=str(small_data), sets=SHORT)  # reuses every run
+    again = cmp.run_compare(out, methods=["sd"], seeds=2, data_dir=str(small_data), sets=SHORT)  # reuses every run
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["wall_time_s"]["invocations"] == 2
+    assert again["wall_time_s"]["total"] >= summary["wall_time_s"]["total"]
 
 
 def test_compare_bad_input(tmp_path, capsys):
@@ -54,5 +57,5 @@ def test_compare_bad_input(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "mine.txt").write_text("x")
     assert main(["-q", "compare", "--out", str(foreign)]) == 2
-    assert "holds no `sdtl compare`" in capsys.readouterr().err
+    assert "not an sdtl compare folder" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["mine.txt"]

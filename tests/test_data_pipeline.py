@@ -183,7 +183,7 @@ def test_corrupt_videos_never_crash_workers(tree):
     assert sum(b["video"].shape[0] for b in batches) == 2 * len(good)
     with pytest.raises(UserError) as err:
         check_failures(failed)
-    assert all(str(r.path) in str(err.value) for r in bad) and "--skip-corrupt" in str(err.value)
+    assert all(str(r.path) in str(err.value) for r in bad) and "set eval.skip_corrupt=true" in str(err.value)
     assert check_failures(failed, skip=True) == 3
 
 

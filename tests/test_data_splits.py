@@ -111,7 +111,7 @@ def test_missing_files_reported_together(tmp_path):
     with pytest.raises(UserError) as err:
         list_records("ucf101", tmp_path, 1, "test")
     msg = str(err.value)
-    assert "7 of 3783 test videos" in msg and "testlist01.txt" in msg and "--on-missing skip" in msg
+    assert "7 of 3783 test videos" in msg and "testlist01.txt" in msg and "set data.on_missing=skip" in msg
     assert gone[0] in msg and gone[4] in msg and gone[6] not in msg  # first names only
     records, _ = list_records("ucf101", tmp_path, 1, "test", on_missing="skip")
     assert len(records) == 3783 - 7

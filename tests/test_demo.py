@@ -3,6 +3,7 @@ refusal of mismatched runs, the statistics it reports, and the shipped encoder's
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -49,7 +50,7 @@ def quick_demo(tiny_synth, tmp_path_factory):
     return out, run_demo(out, data_dir=str(tiny_synth), plan=TINY_QUICK)
 
 
-def test_full_style_demo_on_tiny_plan_reports_effects_and_forgetting(full_demo, tiny_synth):
+def test_full_style_demo_on_tiny_plan_reports_effects_and_forgetting(full_demo, tiny_synth, caplog):
     out, summary = full_demo
     saved = json.loads((out / "summary.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["dataset"]["preset"] == "tiny" and saved["dataset"]["classes"] == 6
@@ -72,11 +73,27 @@ def test_full_style_demo_on_tiny_plan_reports_effects_and_forgetting(full_demo, 
     md = (out / "summary.md").read_text()
     assert "95% CI" in md and "λ=1" in md
     assert (out / "summary.png").is_file() and (out / "forgetting.png").is_file()
-    # a second call reuses every finished run instead of training again
+    # a second call reuses every finished run instead of training again, and says so
     before = (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns
-    again = run_demo(out, data_dir=str(tiny_synth), plan=TINY_FULL)
+    with caplog.at_level(logging.INFO, logger="sdtl"):
+        again = run_demo(out, data_dir=str(tiny_synth), plan=TINY_FULL)
     assert (out / "runs" / "sd_s1" / "results.json").stat().st_mtime_ns == before
     assert again["methods"]["sd"]["video_acc1"] == summary["methods"]["sd"]["video_acc1"]
+    assert "demo: 6 runs: 6 finished earlier (reused as they are: scratch_s0, plain_s0" in caplog.text
+    assert "reusing the encoder pre-trained by an earlier invocation" in caplog.text
+    # ... and keeps the measured wall time (it said "total 0.0 min" after a re-run)
+    first, second = summary["wall_time_s"], again["wall_time_s"]
+    assert first["invocations"] == 1 and second["invocations"] == 2 and again["reused_runs"] == 6
+    for key in ("total_s", "data_s", "encoder_s", "finetune_s"):
+        assert second[key] >= first[key] > 0, key
+    assert f"Wall time: total {second['total_s'] / 60:.1f} min" in (out / "summary.md").read_text()
+    assert "summed over the 2 invocations" in (out / "summary.md").read_text()
+    assert json.loads((out / "demo.json").read_text())["wall_time_s"] == second
+    # fewer seeds than the folder's summary are refused; nothing is touched
+    summary_md = (out / "summary.md").read_bytes()
+    with pytest.raises(UserError, match=r"--seeds 1: .*2-seed demo summary"):
+        run_demo(out, data_dir=str(tiny_synth), plan=TINY_FULL, seeds=1)
+    assert (out / "summary.md").read_bytes() == summary_md
     # another plan on the same folder is refused, and nothing is touched
     other = DemoPlan(**{**TINY_FULL.__dict__, "finetune_overrides": ("optim.epochs=2",)})
     with pytest.raises(UserError, match="other settings"):
@@ -143,12 +160,12 @@ def test_corrupt_shipped_encoder_is_refused_with_the_regeneration_command(tmp_pa
 
 def test_force_adds_to_a_foreign_folder_but_never_writes_over_its_files(tmp_path, capsys):
     from sdtl.cli import main
-    from sdtl.studies.demo import QUICK, _claim_out
+    from sdtl.studies.demo import QUICK, claim
 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep")
-    _claim_out(out, QUICK, force=True, write=False)  # unrelated files: --force may add the demo's
+    assert claim(out, QUICK, force=True) is None  # unrelated files: --force may add the demo's
     (out / "summary.md").write_text("my own summary")
     assert main(["-q", "demo", "--quick", "--force", "--out", str(out)]) == 2
     assert "summary.md" in capsys.readouterr().err

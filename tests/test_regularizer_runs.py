@@ -43,13 +43,50 @@ def test_resume_is_bit_exact_for_each_regularizer(name, tiny_synth, tiny_encoder
     ref, cut = last_state(tmp_path / "ref"), last_state(tmp_path / "cut")
     for key in ref["model"]:
         assert torch.equal(ref["model"][key], cut["model"][key]), f"{name}: {key} differs after resume"
-    if ref["regularizer_state"] is not None:
+    if ref["task_state"]["regularizer"] is not None:
         flat = lambda s: {k: v for k, v in _leaves(s)}  # noqa: E731
-        a, b = flat(ref["regularizer_state"]), flat(cut["regularizer_state"])
+        a, b = flat(ref["task_state"]["regularizer"]), flat(cut["task_state"]["regularizer"])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     histories = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "cut")]
     part = [k for k in histories[0][1] if k.startswith("train_") and k not in ("train_loss", "train_ce")]
     for key in ["train_loss", *part]:
+        assert [r.get(key) for r in histories[0]] == [r.get(key) for r in histories[1]], key
+
+
+class _Crash(BaseException):
+    """Stands for a kill: nothing in the engine catches it, nothing is written after it."""
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_crash_inside_an_epoch_resumes_bit_exact_for_each_regularizer(name, tiny_synth, tiny_encoder, tmp_path,
+                                                                        monkeypatch):
+    from sdtl.engine.loop import Loop
+
+    extra = [*VARIANTS[name], "model.dropout=0.5"]
+    ft.run_finetune(cfg_for(tiny_synth, tiny_encoder, 3, *extra), tmp_path / "ref")
+    steps = json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[1])["steps"]
+    real_step, calls = Loop.train_step, []
+
+    def crash_in_epoch_2(self, epoch, step, batch):  # at its third step, before it runs
+        calls.append((epoch, step))
+        if len(calls) == steps + 3:
+            raise _Crash
+        return real_step(self, epoch, step, batch)
+
+    monkeypatch.setattr(Loop, "train_step", crash_in_epoch_2)
+    cfg = cfg_for(tiny_synth, tiny_encoder, 3, *extra, "run.checkpoint_every_steps=1")
+    with pytest.raises(_Crash):
+        ft.run_finetune(cfg, tmp_path / "cut")
+    monkeypatch.setattr(Loop, "train_step", real_step)
+    crashed = last_state(tmp_path / "cut")
+    assert (crashed["epoch"], crashed["step_in_epoch"]) == (1, 2), calls  # written after the last good step
+    ft.run_finetune(cfg, tmp_path / "cut", resume="auto")
+    ref, cut = last_state(tmp_path / "ref"), last_state(tmp_path / "cut")
+    for key in ref["model"]:
+        assert torch.equal(ref["model"][key], cut["model"][key]), f"{name}: {key} differs after a mid-epoch resume"
+    histories = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "cut")]
+    keys = [k for k in histories[0][1] if k.startswith(("train_", "val_", "feat_", "param_", "epoch_drift"))]
+    for key in keys:
         assert [r.get(key) for r in histories[0]] == [r.get(key) for r in histories[1]], key
 
 

@@ -467,6 +467,8 @@ def test_checkpoint_state_roundtrip_is_bit_exact(name):
     want = _penalty(name, reg_a, enc_a, x, student_features).detach()  # grad on: DELTA's hooks need it
     state = reg_a.checkpoint_state()
     assert state is not None
+    mid = reg_a.checkpoint_state(mid_epoch=True)  # the same state: theirs never depends on the epoch
+    assert mid.keys() == state.keys()
 
     enc_b = tiny_encoder(1)  # a different (re-seeded) encoder: its own reference is different
     reg_b = make_reg(name, enc_b, head)
@@ -491,12 +493,15 @@ def test_delta_checkpoint_with_other_layers_is_refused():
 def test_plain_sd_and_bss_keep_no_checkpoint_state():
     sd = SelfDistillation(tiny_encoder(), weight=1.0, snapshot_every=2)
     sd.epoch_start()
-    assert sd.checkpoint_state() is None
+    assert sd.checkpoint_state() is None  # at an epoch boundary (mid-epoch: test_self_distillation)
     sd.load_checkpoint_state(None)  # fine: nothing to restore
     with pytest.raises(ValueError):
         sd.load_checkpoint_state({"teacher": {}})
+    with pytest.raises(ValueError):
+        sd.load_checkpoint_state({"teacher": {}, "steps": 1})  # a teacher that is not this encoder's
+    assert sd.checkpoint_state(mid_epoch=True)["steps"] == 0
     bss = BSS(weight=1.0)
-    assert bss.checkpoint_state() is None
+    assert bss.checkpoint_state() is None and bss.checkpoint_state(mid_epoch=True) is None
     bss.load_checkpoint_state(None)
 
 

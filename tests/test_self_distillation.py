@@ -1,6 +1,8 @@
 """The regularizer of Algorithm 1: exact values, snapshot semantics, no gradient into the teacher."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,63 @@ def test_resnapshot_and_teacher_state_roundtrip(teacher_bn):
     other.load_teacher_state_dict(saved)
     x = clips()
     assert torch.equal(other.teacher_features(x), sd.teacher_features(x))
+
+
+def _train_step(enc: nn.Module, sd: SelfDistillation, i: int) -> torch.Tensor:
+    """One deterministic "optimizer step" of step number ``i``: the penalty on a batch, then the
+    student moves (by an amount fixed by ``i``, not by the object) and the step ends."""
+    x = clips(100 + i)
+    penalty = sd(x, enc(x)).detach()  # a training-mode forward also moves the student's BN buffers
+    g = torch.Generator().manual_seed(1000 + i)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    sd.step_end()
+    return penalty
+
+
+@pytest.mark.parametrize("teacher_bn", ["batch", "eval"])
+def test_mid_epoch_state_resumes_bit_exactly(teacher_bn):
+    enc = small_encoder()
+    sd = SelfDistillation(enc, weight=2.0, teacher_bn=teacher_bn, snapshot_every=3)
+    sd.epoch_start()
+    for i in range(4):  # refreshed after step 3; the teacher is now neither the start nor the model
+        _train_step(enc, sd, i)
+    assert sd.checkpoint_state() is None  # an epoch boundary: the next teacher is the model
+    buffer = io.BytesIO()
+    torch.save({"model": enc.state_dict(), "reg": sd.checkpoint_state(mid_epoch=True)}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert saved["reg"]["steps"] == 4
+    want = [_train_step(enc, sd, i) for i in range(4, 11)]  # uninterrupted: refreshes after steps 6 and 9
+
+    def resumed(state) -> SelfDistillation:
+        torch.manual_seed(123)  # another encoder: nothing of the original object is reused
+        other = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                              nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 6))
+        again = SelfDistillation(other, weight=2.0, teacher_bn=teacher_bn, snapshot_every=3)
+        other.load_state_dict(saved["model"])  # the loop restores the model
+        again.load_checkpoint_state(state)
+        return again
+
+    again = resumed(saved["reg"])
+    assert again.resumed_mid_epoch  # the loop does not call epoch_start for this epoch
+    got = [_train_step(again.__dict__["student"], again, i) for i in range(4, 11)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), (got, want)
+    assert sum(p.item() > 0 for p in got) >= 4  # (with teacher_bn="batch", 0 right after a refresh)
+    again.epoch_start()
+    assert not again.resumed_mid_epoch
+
+    # not vacuous: the teacher and the step count each matter
+    wrong_count = resumed({**saved["reg"], "steps": 0})
+    assert [_train_step(wrong_count.__dict__["student"], wrong_count, i) for i in range(4, 11)] != want
+    boundary = resumed(None)  # what an epoch-boundary resume does: snapshot the model
+    boundary.epoch_start()
+    assert not torch.equal(_train_step(boundary.__dict__["student"], boundary, 4), want[0])
+
+
+def test_mid_epoch_state_must_hold_teacher_and_count():
+    sd = SelfDistillation(small_encoder(), weight=1.0)
+    sd.epoch_start()
+    state = sd.checkpoint_state(mid_epoch=True)
+    with pytest.raises(ValueError, match="mid-epoch"):
+        SelfDistillation(small_encoder(), weight=1.0).load_checkpoint_state({"teacher": state["teacher"]})

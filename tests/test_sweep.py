@@ -70,7 +70,8 @@ def test_sweep_end_to_end_table_equals_runs_and_reruns_skip(tiny_synth, tmp_path
     table = (out / "sweep.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert sum("◀" in r for r in rows) == 1 and f"{best[0]['test']['mean']:.1f} ± {best[0]['test']['std']:.1f}" in table
-    assert (out / "sweep.png").stat().st_size > 0
+    assert (out / "sweep.png").stat().st_size > 0 and summary["num_classes"] == 6  # its chance line: 100/6
+    assert "acc@5" not in table.lower()  # 6 classes; the studies print no acc@5
     # each run's config is the base + its point + its seed
     cfg = (out / "runs" / "regularizer.weight=1,optim.lr=0.05" / "seed1" / "config.yaml").read_text()
     assert "lr: 0.05" in cfg and "seed: 1" in cfg and "weight: 1.0" in cfg
@@ -127,7 +128,7 @@ def test_foreign_folder_is_refused(tiny_synth, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(sweep_args(tiny_synth, out)) == 2
-    assert "holds no sdtl sweep" in capsys.readouterr().err
+    assert "not an sdtl sweep folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

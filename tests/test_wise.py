@@ -69,13 +69,18 @@ def test_wise_alphas_and_selection_rule():
 
 
 # ------------------------------------------------------------------------------------ end to end
-def test_wise_end_to_end(wise_runs, tiny_encoder, tmp_path, capsys):
+def test_wise_end_to_end(wise_runs, tiny_encoder, tmp_path, capsys, caplog):
+    import logging
+
     from sdtl.engine.evaluate import evaluate_checkpoint
 
     b, p = wise_runs
     out = tmp_path / "w"
     one_clip = ["--set", "eval.num_clips=1"]  # fewer decodes; the protocol still comes from B's config
-    assert main(["-q", "wise", "--finetuned", str(b), "--alphas", "1,0,0.5", "--out", str(out), *one_clip]) == 0
+    with caplog.at_level(logging.INFO, logger="sdtl.wise"):
+        assert main(["-q", "wise", "--finetuned", str(b), "--alphas", "1,0,0.5", "--out", str(out), *one_clip]) == 0
+    # no --pretrained was given: the log names where θ₀ came from
+    assert "from the fine-tuned run's model.pretrained" in caplog.text and "--pretrained" not in caplog.text
     printed = capsys.readouterr().out
     assert "<- selected" in printed and "val v@1" in printed
     for name in ("wise.json", "wise.md", "wise.png"):
@@ -99,6 +104,11 @@ def test_wise_end_to_end(wise_runs, tiny_encoder, tmp_path, capsys):
     assert rep["protocol"]["test"]["crops"] == 1 and "test list" in rep["protocol"]["test"]["split"]
     md = (out / "wise.md").read_text()
     assert md.count("← selected") == 1 and f"| **{expected:g}** |" in md
+    # A and B are defined before the description of θ₀ uses them
+    assert "- B, the fine-tuned checkpoint (--finetuned), gives θ₁" in md
+    assert "- A, the pre-trained checkpoint (the fine-tuned run's model.pretrained), gives θ₀" in md
+    assert md.index("- A, the pre-trained") < md.index("B's classification head")
+    assert rep["num_classes"] == 6 and rep["pretrained_from"] == "the fine-tuned run's model.pretrained"
 
     # α = 1 is B itself: the same test figures as `sdtl evaluate` of B with the same protocol
     ev = evaluate_checkpoint(b, tmp_path / "ev", ["eval.num_clips=1"])
@@ -112,6 +122,7 @@ def test_wise_end_to_end(wise_runs, tiny_encoder, tmp_path, capsys):
                  "--out", str(out2), *one_clip]) == 0
     rep2 = json.loads((out2 / "wise.json").read_text())
     assert rep2["pretrained_format"] == "sdtl-finetune" and "whole model" in rep2["theta0"]
+    assert "- A, the pre-trained checkpoint (--pretrained), gives θ₀" in (out2 / "wise.md").read_text()
     ev0 = evaluate_checkpoint(p, tmp_path / "ev0", ["eval.num_clips=1"])
     assert rep2["results"][0]["test"]["clip_acc1"] == pytest.approx(ev0["clip_acc1"], abs=1e-9)
     assert rep2["results"][0]["test"]["video_acc1"] == pytest.approx(ev0["video_acc1"], abs=1e-9)
@@ -157,7 +168,8 @@ def test_wise_bad_input_exits_2_naming_it(wise_runs, tiny_encoder, tmp_path, cap
 
     out.mkdir()
     (out / "wise.json").write_text("{}")
-    _fails(capsys, base, f"--out {out}", "already holds wise.json")
+    err = _fails(capsys, base, f"--out {out}", "already holds wise.json", "`sdtl wise`")
+    assert "sweep" not in err  # it called its own report "a finished sweep"
     assert (out / "wise.json").read_text() == "{}"
     (out / "wise.json").unlink()
     (out / "notes.txt").write_text("mine")

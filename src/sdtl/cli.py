@@ -3,16 +3,19 @@
 Each area of the package registers its own subcommands (``register(subparsers)``); this module only
 wires them together, configures logging and turns errors into exit codes:
 0 success, 1 a run that failed while running (:class:`~sdtl.errors.RunFailed`), 2 bad input
-(:class:`~sdtl.errors.UserError`), 130 interrupted.
+(:class:`~sdtl.errors.UserError`), 75 a run stopped on request with its state written
+(:class:`~sdtl.errors.RunInterrupted`: SIGINT, SIGTERM, SIGUSR1; resume it), 130 interrupted at once
+(a second Ctrl-C). ``--debug`` / ``SDTL_DEBUG=1`` print the traceback of an error with its cause.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from sdtl import __version__
-from sdtl.errors import RunFailed, UserError
+from sdtl.errors import ConfigError, RunInterrupted, SdtlError, UserError
 
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
@@ -90,17 +93,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_wise(args) -> int:
-    from sdtl.studies.wise import DEFAULT_ALPHAS, parse_alphas, run_wise, text_table
-
-    alphas = parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS
-    report = run_wise(args.finetuned, args.out, pretrained=args.pretrained, alphas=alphas,
-                      overrides=args.overrides, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    if report:
-        print(f"{text_table(report)}\n-> {args.out}/wise.json, wise.md, wise.png")
-    return 0
-
-
 def cmd_recipes(args) -> int:
     from sdtl.engine.config import list_recipes
 
@@ -140,40 +132,13 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
-    from sdtl.studies.sweep import run_sweep
-
-    import shlex
-
-    run_sweep(args.config, args.grid, args.seeds, args.out, sets=args.overrides, dry_run=args.dry_run,
-              parallel=args.parallel, extend=args.extend, command=shlex.join(["sdtl", *args.argv]))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    import shlex
-
-    from sdtl.studies.compare import run_compare
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    run_compare(args.out, methods=methods, seeds=args.seeds, lr=args.lr, data_dir=args.data,
-                command=shlex.join(["sdtl", *args.argv]), sets=args.overrides)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from sdtl.studies.demo import run_demo
-
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, data_dir=args.data, force=args.force,
-             lr_grid=args.lr_grid)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdtl", description="Self-distillation guided transfer learning for video action recognition.")
     parser.add_argument("--version", action="version", version=f"sdtl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback with its cause (same as SDTL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -204,52 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("wise", help="WiSE-FT: evaluate weight-space ensembles of pre-trained and fine-tuned weights",
-                       description="WiSE-FT (Wortsman et al., CVPR 2022): evaluate theta_alpha = (1-alpha)*theta_0 + "
-                                   "alpha*theta_1 for each alpha on the run's validation part and on the test list "
-                                   "(protocol and dataset from the fine-tuned checkpoint; override with --set). "
-                                   "theta_1 is the fine-tuned model; theta_0 is an encoder checkpoint with the "
-                                   "fine-tuned model's head, or another fine-tune checkpoint of the same arch and "
-                                   "classes. The alpha with the best validation video acc@1 is selected (ties: the "
-                                   "largest alpha); test is reported beside it. Writes wise.json, wise.md and "
-                                   "wise.png into a new or empty --out.",
-                       epilog="example: sdtl wise --finetuned runs/r21d/checkpoints/best.pt --out runs/r21d/wise "
-                              "--alphas 0,0.25,0.5,0.75,1")
-    p.add_argument("--finetuned", required=True, metavar="CKPT", help="theta_1: a checkpoint of `sdtl finetune`")
-    p.add_argument("--pretrained", metavar="CKPT", default=None,
-                   help="theta_0: an encoder checkpoint (RSPNet, sdtl pretrain, exported) or a fine-tune "
-                        "checkpoint of the same arch and classes (default: the run's model.pretrained)")
-    p.add_argument("--alphas", metavar="A,B,...", default=None,
-                   help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
-    p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
-    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
-    p.add_argument("--allow-unsafe-pickle", action="store_true",
-                   help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
-    p.set_defaults(func=cmd_wise)
-
-    p = sub.add_parser("sweep", help="a grid over config keys x seeds (e.g. a lambda sweep), mean ± std table",
-                       description="Run the product of the --grid values x seeds 0..N-1 as ordinary fine-tuning runs "
-                                   "in OUT/runs/<point>/seed<k>. Re-running the same command skips finished runs and "
-                                   "resumes unfinished ones. Writes sweep.json, sweep.md (mean ± std over seeds of the "
-                                   "validation accuracy that selected each checkpoint and of its test accuracy; the "
-                                   "best point on validation is marked) and sweep.png.",
-                       epilog="example: sdtl sweep --config ucf101_r21d_sd --grid regularizer.weight=0.1,1,10,100,1000 "
-                              "--seeds 3 --out sweeps/lambda --set data.root=/data/UCF101 "
-                              "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
-    p.add_argument("--config", required=True, metavar="NAME_OR_PATH", help="fine-tuning recipe name or YAML file")
-    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2,...",
-                   help="a swept config key and its values (repeatable: the sweep runs the product), "
-                        "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
-    p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
-    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
-    _add_set(p, "override a config key for every run, as in finetune (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="runs at a time, as child processes; on a multi-GPU box each gets one GPU (default 1)")
-    p.add_argument("--extend", action="store_true",
-                   help="add values or seeds to the sweep already in --out (finished runs are reused)")
-    p.set_defaults(func=cmd_sweep)
-
     p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)",
                        description="Pre-train an encoder on unlabelled videos by predicting the playback speed "
                                    "(frame stride) of clips; writes checkpoints/encoder.pt (encoder + pretext "
@@ -271,55 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", metavar="NAME", help="print one recipe's YAML")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("demo", help="compare scratch / plain / self-distillation over seeds on the embedded "
-                                    "synthetic dataset",
-                       description="The paper's comparison on the embedded synthetic dataset: from scratch, "
-                                   "plain fine-tuning and self-distillation from a pre-trained encoder, over "
-                                   "seeds, with forgetting diagnostics and paired 95% intervals. --quick starts "
-                                   "from the shipped pre-trained encoder (about 5 min on 2 cores); the full demo "
-                                   "pre-trains its own (under 30 min); --lr-grid runs the learning-rate study "
-                                   "behind the demo's settings.")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="3 seeds from the shipped encoder (default out sdtl-demo-quick)")
-    mode.add_argument("--lr-grid", action="store_true",
-                      help="scratch / plain / SD (λ 1, 10, 100) over SGD lr 0.001-0.1 x 3 seeds, and the selection "
-                           "rule on validation (default out sdtl-lr-grid)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default: sdtl-demo, sdtl-demo-quick or sdtl-lr-grid by mode)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: full 5, quick 3, lr-grid 3)")
-    p.add_argument("--data", metavar="DIR", default=None,
-                   help="reuse a synthetic dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
-    p.add_argument("--force", action="store_true",
-                   help="use a non-empty --out that is not a demo folder (its files are kept; refused if it already "
-                        "holds a name the demo writes, e.g. summary.md or runs/)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("compare", help="self-distillation vs L2-SP, DELTA, BSS, LP-FT, ... on the embedded benchmark",
-                       description="Fine-tune the shipped pre-trained encoder on the embedded synthetic benchmark with "
-                                   "each method (scratch, plain, sd, fixed_teacher, ema_sd, l2sp, delta, bss, lp_ft, "
-                                   "llrd), each method's own hyper-parameter picked from a small fixed grid on "
-                                   "validation, over seeds; writes compare.md/json/png with test accuracy at the "
-                                   "picked setting and paired differences to plain fine-tuning (95%% CI). About 35 "
-                                   "min on 2 CPU cores for all methods and 3 seeds.",
-                       epilog="example: sdtl compare --methods sd,l2sp,lp_ft --seeds 3 --out sdtl-compare")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default sdtl-compare)")
-    p.add_argument("--methods", default=None, metavar="A,B,...",
-                   help="comma-separated subset (default: all; plain is always included as the reference)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method and grid value (default 3)")
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="SGD learning rate for every method (default 0.01: where plain fine-tuning forgets, see docs/compare.md)")
-    p.add_argument("--data", metavar="DIR", default=None,
-                   help="reuse a dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
-    _add_set(p, "override a key of the benchmark recipe (synthetic_small) for every run, e.g. --set optim.epochs=6")
-    p.set_defaults(func=cmd_compare)
-
     from sdtl.data import cli as data_cli
     from sdtl.data import synthetic
     from sdtl.models import cli as models_cli
+    from sdtl.studies import compare, demo, sweep, wise
 
-    synthetic.register(sub)
-    data_cli.register(sub)
-    models_cli.register(sub)
+    for area in (wise, sweep, demo, compare, synthetic, data_cli, models_cli):
+        area.register(sub)
     return parser
 
 
@@ -332,21 +209,43 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = getattr(args, "debug", False) or os.environ.get("SDTL_DEBUG", "") not in ("", "0")
+    resume_hint = getattr(args, "resume_hint", None) or "resume with --resume auto"
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"sdtl: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except RunFailed as exc:
-        print(f"sdtl: run failed: {exc}", file=sys.stderr)
+    except SdtlError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(render_error(exc, resume_hint), file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `sdtl inspect ... | head`
         return 0
     except KeyboardInterrupt:
-        print("sdtl: interrupted; completed epochs are in the run's checkpoints (resume with --resume auto)",
-              file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"sdtl: interrupted; completed epochs are in the run's checkpoints ({resume_hint})", file=sys.stderr)
         return 130
 
+
+def render_error(exc: SdtlError, resume_hint: str) -> str:
+    """The one line the CLI prints for a library error (the library speaks of config keys; here they
+    become ``--set`` hints, and a stopped run says how to continue)."""
+    if isinstance(exc, RunInterrupted):
+        return f"sdtl: {exc} ({resume_hint})"
+    if isinstance(exc, ConfigError):
+        from sdtl.engine.config import is_config_key
+
+        if is_config_key(exc.key):  # optim.milestones[1] is set as the whole list
+            return f"sdtl: error: {exc} (set it with --set {exc.key.split('[', 1)[0]}=VALUE)"
+        # a misspelt key or a whole section: there is no such key to set
+        return f"sdtl: error: {exc} (config keys are set with --set SECTION.KEY=VALUE)"
+    if isinstance(exc, UserError):
+        return f"sdtl: error: {exc}"
+    return f"sdtl: run failed: {exc}"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,77 @@
-"""User-facing errors.
+"""The errors sdtl raises, in a small hierarchy that library callers can catch by kind.
 
-Anything caused by the user's input (a path, a config key, a checkpoint) raises :class:`UserError`
-with a message that names the input and says what to do. The CLI prints it as one line and exits
-with status 2; library callers can catch it like any exception.
+::
+
+    SdtlError
+    ├── UserError          bad input (exit 2): names the input and what to do
+    │   ├── ConfigError    a config key: ``key``, ``problem``, ``hint``
+    │   ├── DataError      a dataset file or folder: ``path``
+    │   └── CheckpointError  a checkpoint file: ``path``
+    ├── RunFailed          stopped by what it found while running (NaN loss, corrupt data; exit 1)
+    └── RunInterrupted     stopped on request after writing its state (SIGINT/SIGTERM/SIGUSR1; exit 75)
+
+The library speaks of config keys (``optim.lr``), never of command-line flags; the CLI alone turns
+them into ``--set optim.lr=…`` hints and one-line messages (``SDTL_DEBUG=1`` or ``sdtl --debug``
+shows the full traceback with its cause). A tuner, a cluster job or a notebook gets the typed
+exception with its cause chain.
 """
+from __future__ import annotations
 
 
-class UserError(Exception):
+class SdtlError(Exception):
+    """Base of every error sdtl raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(SdtlError):
     """Bad input from the user: printed as a one-line message, exit code 2."""
 
     exit_code = 2
 
 
-class RunFailed(Exception):
+class ConfigError(UserError):
+    """A config value that cannot work: ``config key KEY: PROBLEM; HINT``."""
+
+    def __init__(self, key: str, problem: str, hint: str = "") -> None:
+        self.key, self.problem, self.hint = key, problem, hint
+        super().__init__(f"config key {key}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class DataError(UserError):
+    """A dataset file, list or folder that cannot be used (``path``)."""
+
+    def __init__(self, message: str, path=None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used (``path``)."""
+
+    def __init__(self, message: str, path=None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class RunFailed(SdtlError):
     """A run stopped for a reason found while running (NaN loss, too many corrupt videos).
 
     The message says what happened, where, and which checkpoint to resume from. Exit code 1.
     """
 
     exit_code = 1
+
+
+class RunInterrupted(SdtlError):
+    """A run stopped on request (SIGINT, SIGTERM, SIGUSR1) after writing its checkpoint state.
+
+    ``checkpoint`` is the file it can be resumed from. Exit code 75 (EX_TEMPFAIL: try again), distinct
+    from a failure, so a cluster job can be requeued on it.
+    """
+
+    exit_code = 75
+
+    def __init__(self, message: str, checkpoint=None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

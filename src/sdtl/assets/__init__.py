@@ -12,7 +12,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from sdtl.errors import UserError
+from sdtl.errors import CheckpointError, UserError
 
 DEMO_ENCODER = "demo_encoder.pt"
 DEMO_ENCODER_INFO = "demo_encoder.json"
@@ -44,11 +44,11 @@ def demo_encoder(path: Path | None = None) -> Path:
     path = path or _asset(DEMO_ENCODER)
     regenerate = " && ".join(info["regenerate"])
     if not path.is_file():
-        raise UserError(f"shipped demo encoder {path} is missing; reinstall sdtl, or regenerate it with: "
-                        f"{regenerate} (then copy the encoder.pt to {path}), or run the full `sdtl demo`")
+        raise CheckpointError(f"shipped demo encoder {path} is missing; reinstall sdtl, or regenerate it with: "
+                        f"{regenerate} (then copy the encoder.pt to {path}), or run the full `sdtl demo`", path=path)
     actual = sha256_file(path)
     if actual != info["sha256"]:
-        raise UserError(f"shipped demo encoder {path} is corrupt or was replaced: sha256 {actual[:16]}… is not the "
+        raise CheckpointError(f"shipped demo encoder {path} is corrupt or was replaced: sha256 {actual[:16]}… is not the "
                         f"recorded {info['sha256'][:16]}… ({DEMO_ENCODER_INFO}); reinstall sdtl, or regenerate it "
-                        f"with: {regenerate} and update {DEMO_ENCODER_INFO}; or run the full `sdtl demo`")
+                        f"with: {regenerate} and update {DEMO_ENCODER_INFO}; or run the full `sdtl demo`", path=path)
     return path

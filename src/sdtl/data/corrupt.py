@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sdtl.errors import RunFailed, UserError
+from sdtl.errors import DataError, RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ def check_failures(failed, skip: bool = False) -> int:
         distinct.setdefault(str(path), str(reason))
     if distinct and not skip:
         listing = "; ".join(f"{p}: {r}" for p, r in distinct.items())
-        raise UserError(f"{len(distinct)} test videos cannot be decoded, so the test set is incomplete and "
-                        f"its accuracy would not be comparable: {listing}. Fix or remove them, or pass "
-                        f"--skip-corrupt (eval.skip_corrupt=true) to evaluate without them")
+        raise DataError(f"{len(distinct)} test videos cannot be decoded, so the test set is incomplete and "
+                        f"its accuracy would not be comparable: {listing}. Fix or remove them, or set "
+                        f"eval.skip_corrupt=true to evaluate without them", path=next(iter(distinct)))
     if distinct:
         log.warning("%d undecodable test videos skipped (eval.skip_corrupt)", len(distinct))
     return len(distinct)

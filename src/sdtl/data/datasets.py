@@ -6,7 +6,10 @@ Called by the engine (fine-tuning, evaluation), ``sdtl data check|bench`` and th
   folder. No decoding, no per-file ``stat``: 13,320 UCF101 entries take milliseconds (torchvision's
   ``VideoClips`` decodes every file to build its index).
 * :func:`build_dataset` -- ``list_records`` + :class:`VideoClipDataset`.
-* :class:`VideoClipDataset` -- decodes one clip per item (train) or ``num_clips`` clips (test).
+* :class:`ClipDataset` -- videos + a clip sampler (:mod:`sdtl.data.sampling`): the one dataset of
+  supervised, pretext and two-clip items, with the one replace-undecodable-video loop.
+* :class:`VideoClipDataset` -- labelled records + the supervised sampler: one clip per item (train) or
+  ``num_clips`` clips (test).
 * :func:`collate_clips`, :func:`stratified_split`.
 
 Dataset layouts (``root``):
@@ -35,19 +38,19 @@ import numpy as np
 import torch
 
 from sdtl.data import splits as S
-from sdtl.data.sampling import sample_test_clips, sample_train_clip
+from sdtl.data.sampling import ClipSampler, RandomClipSampler, UniformClipsSampler
 from sdtl.data.transforms import _tf as _load_transforms
-from sdtl.data.transforms import test_transform, train_transform
 from sdtl.data.video_io import ProbeCache, VideoDecodeError, open_video, resolve_backend
 from sdtl.data.videos import VIDEO_EXTENSIONS
-from sdtl.errors import UserError
+from sdtl.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
 
 
-# Datasets are opened by `sdtl data` (flag --root) and by runs (config key data.root): every hint names both.
-ROOT_OPTION = "the dataset root (--root for `sdtl data`, --set data.root=DIR for finetune/pretrain/evaluate)"
+# The library names parameters by their config keys (data.root, the `root` argument here); only the
+# CLI spells them as command-line flags.
+ROOT_OPTION = "the dataset root (data.root)"
 
 @dataclass(frozen=True)
 class VideoRecord:
@@ -145,12 +148,12 @@ class _DirIndex:
 
 def _check_root(root) -> Path:
     if root is None or str(root) == "":
-        raise UserError(f"dataset root not given; set {ROOT_OPTION} to the folder holding the class folders")
+        raise DataError(f"dataset root not given; set {ROOT_OPTION} to the folder holding the class folders")
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"{root}: dataset root does not exist; check {ROOT_OPTION}")
+        raise DataError(f"{root}: dataset root does not exist; check {ROOT_OPTION}", path=root)
     if not root.is_dir():
-        raise UserError(f"{root}: dataset root is not a folder; check {ROOT_OPTION}")
+        raise DataError(f"{root}: dataset root is not a folder; check {ROOT_OPTION}", path=root)
     return root
 
 
@@ -210,7 +213,7 @@ def describe_root_problem(problem: dict) -> str:
     text = (f"the dataset root looks wrong: {what}; they were expected at {', '.join(problem['expected_at'])}{more}"
             f"; {root} holds {holds}")
     if problem["suggested_root"]:
-        return f"{text}; did you mean the root {problem['suggested_root']} ({ROOT_OPTION})?"
+        return f"{text}; did you mean the root {problem['suggested_root']} (data.root)?"
     return f"{text}; {ROOT_OPTION} must be the folder holding the class folders"
 
 
@@ -228,13 +231,13 @@ def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str)
             problem = root_problem(root, entries, missing)
             hint = (describe_root_problem(problem) if problem else
                     f"{ROOT_OPTION} must be the folder holding the class folders")
-            raise UserError(f"{root}: none of the {len(entries)} {what} videos named in {source} is there "
-                            f"(e.g. {example}); {hint}")
+            raise DataError(f"{root}: none of the {len(entries)} {what} videos named in {source} is there "
+                            f"(e.g. {example}); {hint}", path=root)
         msg = (f"{root}: {len(missing)} of {len(entries)} {what} videos named in {source} are missing "
                f"(first: {first})")
         if on_missing == "error":
-            raise UserError(f"{msg}; restore them, or pass --on-missing skip (on_missing='skip') to leave "
-                            f"them out")
+            raise DataError(f"{msg}; restore them, or set data.on_missing=skip (on_missing='skip') to leave "
+                            f"them out", path=root)
         log.warning("%s; skipped (on_missing='skip')", msg)
     return records
 
@@ -261,8 +264,8 @@ def _synthetic(root: Path, split: int, lists_dir):
     split = S.check_split(split, (1,), "the synthetic dataset")
     lists = Path(lists_dir).expanduser() if lists_dir is not None else root / "lists"
     if not (lists / "classInd.txt").is_file():
-        raise UserError(f"{lists}: no classInd.txt; {ROOT_OPTION} must be the folder `sdtl synth` wrote "
-                        f"(holding videos/ and lists/)")
+        raise DataError(f"{lists}: no classInd.txt; {ROOT_OPTION} must be the folder `sdtl synth` wrote "
+                        f"(holding videos/ and lists/)", path=lists)
     classes, train, test = S.read_ucf101_split(lists, split)
     return classes, {"train": train, "test": test}, _check_root(root / "videos")
 
@@ -271,22 +274,22 @@ def _class_folders(index: _DirIndex, base: Path, root: Path, lists_dir=None) -> 
     """The class folders of a folder dataset: every sub-folder of ``base``, each holding videos.
 
     A sub-folder without videos is refused rather than counted as a class with no examples: it
-    usually means --root points one level too high (``sdtl synth`` output read as ``folder`` gave the
+    usually means the root points one level too high (``sdtl synth`` output read as ``folder`` gave the
     classes lists, unlabelled and videos)."""
     classes = index.subdirs(base)
     if lists_dir is not None:  # split lists kept inside the root are not a class
         lists = Path(lists_dir).expanduser()
         classes = [c for c in classes if not (lists.is_dir() and (base / c).resolve() == lists.resolve())]
     if not classes:
-        raise UserError(f"{base}: no class sub-folders; a folder dataset is <root>/<class>/<video>")
+        raise DataError(f"{base}: no class sub-folders; a folder dataset is <root>/<class>/<video>", path=base)
     empty = [c for c in classes if not index.videos(base / c)]
     if empty:
         shown = ", ".join(f"{c}/" for c in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-        hint = ("point the dataset root (--root, data.root) at the folder whose sub-folders are the "
-                "classes, or move these folders out of it")
+        hint = f"point {ROOT_OPTION} at the folder whose sub-folders are the classes, or move these folders out of it"
         if (root / "meta.json").is_file() and (root / "lists" / "classInd.txt").is_file():
             hint = "this looks like `sdtl synth` output: read it as dataset synthetic"
-        raise UserError(f"{base}: {len(empty)} of {len(classes)} class folders hold no videos: {shown}; {hint}")
+        raise DataError(f"{base}: {len(empty)} of {len(classes)} class folders hold no videos: {shown}; {hint}",
+                        path=base)
     return classes
 
 
@@ -303,8 +306,8 @@ def _folder(root: Path, split: int, lists_dir):
             entries = []
             for cls in index.subdirs(base):
                 if cls not in by_name:
-                    raise UserError(f"{base / cls}: class folder not in {root / subsets['train']}; "
-                                    f"train/ and test/ need the same class folders")
+                    raise DataError(f"{base / cls}: class folder not in {root / subsets['train']}; "
+                                    f"train/ and test/ need the same class folders", path=base / cls)
                 entries += [S.ListEntry(f"{subsets[subset]}/{cls}/{v}", by_name[cls], str(base / cls))
                             for v in index.videos(base / cls)]
             out[subset] = entries
@@ -316,8 +319,8 @@ def _folder(root: Path, split: int, lists_dir):
         for subset, name in (("train", f"trainlist{split:02d}.txt"), ("test", f"testlist{split:02d}.txt")):
             file = lists / name
             if not file.is_file():
-                raise UserError(f"{file}: split list not found; a folder dataset's lists are "
-                                f"trainlist0K.txt / testlist0K.txt with lines '<class>/<video> [label]'")
+                raise DataError(f"{file}: split list not found; a folder dataset's lists are "
+                                f"trainlist0K.txt / testlist0K.txt with lines '<class>/<video> [label]'", path=file)
             out[subset] = S.label_rows(S.read_path_list(file), classes)
         return classes, out, root
     S.check_split(split, (1,), "a folder dataset without split lists")
@@ -340,9 +343,9 @@ def _csv(root: Path, split: int, lists_dir):
 
     files = {s: find(s) for s in ("train", "test")}
     if not any(files.values()):
-        raise UserError(f"{lists}: no train/test list for split {split}; a csv dataset needs "
+        raise DataError(f"{lists}: no train/test list for split {split}; a csv dataset needs "
                         f"{'train.csv / test.csv' if split == 1 else f'train{split}.csv / test{split}.csv'} "
-                        f"with lines 'path,label'")
+                        f"with lines 'path,label'", path=lists)
     rows = {s: S.read_path_list(f) if f else None for s, f in files.items()}
     if (lists / "classes.txt").is_file():
         classes = S.read_class_names(lists / "classes.txt")
@@ -372,10 +375,10 @@ def list_records(name: str, root, split: int = 1, subset: str = "train", lists_d
     root = Path(root).expanduser()
     entries = subsets.get(subset)
     if entries is None:
-        raise UserError(f"{root}: this {name} dataset has no {subset} list; add split lists "
-                        f"(--lists-dir) or train/ and test/ folders")
+        raise DataError(f"{root}: this {name} dataset has no {subset} list; add split lists "
+                        f"(data.lists_dir) or train/ and test/ folders", path=root)
     if not entries:
-        raise UserError(f"{root}: the {subset} list of this {name} dataset is empty (split {split})")
+        raise DataError(f"{root}: the {subset} list of this {name} dataset is empty (split {split})", path=root)
     records = _resolve(files_root, entries, on_missing, subset)
     return records, classes
 
@@ -415,15 +418,116 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-class VideoClipDataset(torch.utils.data.Dataset):
-    """Clips of labelled videos.
+#: Undecodable videos an item replaces in a row before it gives up (no endless retry loops): an item
+#: tries at most ``MAX_REPLACEMENTS + 1`` videos. The one retry limit of every clip dataset.
+MAX_REPLACEMENTS = 10
 
-    Train item (``mode="train"``)::
+#: The ``label`` of an item whose video has no label and whose sampler makes no target.
+NO_LABEL = -1
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Videos + a clip sampler -> items: the one video dataset behind supervised training, evaluation,
+    pretext tasks and two-clip sampling (as pytorchvideo's ``LabeledVideoDataset(paths, clip_sampler)``).
+
+    ``clip_sampler`` (a :class:`~sdtl.data.sampling.ClipSampler`) decides which clips an item cuts and
+    how they are augmented; this class owns the rest, once for every sampler:
+
+    * the item's generator ``sample_generator(seed, epoch, index)``: every random draw of the item
+      comes from it, in the order *draw clips -> (replacement video -> draw clips)* -> augment;
+    * decoding all of an item's clips in one pass over the video;
+    * undecodable videos: replaced by another random video, up to :data:`MAX_REPLACEMENTS` in a row,
+      each one reported in the item's ``failed`` list as ``(path, reason)`` (samplers with
+      ``replaces_failed = False`` give the sampler's empty item instead); ``skip_corrupt=False`` raises
+      :class:`VideoDecodeError`;
+    * the item: ``{"video", "label", "video_index", "clip_index", "failed"}``; ``label`` is the
+      sampler's target if it makes one (pretext tasks: unlabelled pools need no ``labels``), else
+      ``labels[video_index]``, else :data:`NO_LABEL`.
+
+    Call :meth:`set_epoch` before iterating each epoch, or index with ``(epoch, i)`` pairs
+    (:class:`EpochSampler` does: persistent DataLoader workers never see ``set_epoch``).
+    ``probe_index``: the run's ``video_index.jsonl`` (see :class:`sdtl.data.video_io.ProbeCache`); or
+    assign ``probe_cache`` directly.
+    """
+
+    #: the retry limit (:data:`MAX_REPLACEMENTS`), kept as an attribute for existing callers
+    max_replacements = MAX_REPLACEMENTS
+
+    def __init__(self, paths: list, clip_sampler: ClipSampler, labels: list[int] | None = None,
+                 backend: str = "auto", seed: int = 0, skip_corrupt: bool = True, probe_index=None):
+        if not isinstance(clip_sampler, ClipSampler):
+            raise TypeError(f"clip_sampler must be a sdtl.data.sampling.ClipSampler, got {type(clip_sampler).__name__}")
+        if not paths:
+            raise DataError("empty dataset: no videos to load; check the dataset root")
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"{len(labels)} labels for {len(paths)} videos")
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else None
+        self.clip_sampler = clip_sampler
+        self.backend = resolve_backend(backend)  # resolved once here, so every worker uses the same one
+        # What the probe learned about each file, shared by the workers of every epoch through the
+        # run's index file (None: each process remembers only its own probes).
+        self.probe_cache = ProbeCache(probe_index) if probe_index is not None else None
+        # DataLoader workers are forked from this process every epoch: import torchvision's transforms
+        # here, once, rather than in each worker of each epoch (~1.5 s of CPU per worker here).
+        _load_transforms()
+        self.seed = int(seed)
+        self.skip_corrupt = skip_corrupt
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch = self.epoch
+        if isinstance(index, tuple):  # (epoch, index) from EpochSampler: exact with persistent workers
+            epoch, index = index
+        if not 0 <= index < len(self.paths):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.paths)} videos")
+        generator = sample_generator(self.seed, epoch, index)
+        sampler = self.clip_sampler
+        failed = []
+        for _ in range(self.max_replacements + 1):
+            path = self.paths[index]
+            try:
+                with open_video(path, self.backend, self.probe_cache) as reader:
+                    drawn = sampler.draw(reader.num_frames, generator)
+                    frames = reader.get_frames([i for clip in drawn.clips for i in clip])  # one pass for all clips
+                break
+            except VideoDecodeError as exc:
+                if not self.skip_corrupt:
+                    raise
+                failed.append((str(path), exc.reason))
+                if not sampler.replaces_failed:
+                    return self._item(index, sampler.empty(), None, failed)
+                index = int(torch.randint(0, len(self.paths), (1,), generator=generator))
+        else:
+            raise DataError(f"{len(failed)} videos in a row could not be decoded (last: {failed[-1][0]}: "
+                            f"{failed[-1][1]}); run `sdtl data check --decode` on this dataset", path=failed[-1][0])
+        clips = list(torch.split(frames, [len(clip) for clip in drawn.clips]))
+        return self._item(index, sampler.views(clips, generator), drawn.target, failed)
+
+    def _item(self, index: int, views: dict, target, failed: list) -> dict:
+        if target is None:
+            target = self.labels[index] if self.labels is not None else NO_LABEL
+        extra = {k: v for k, v in views.items() if k not in ("video", "clip_index")}
+        return {"video": views["video"], "label": target, "video_index": index, "clip_index": views["clip_index"],
+                **extra, "failed": failed}
+
+
+class VideoClipDataset(ClipDataset):
+    """Clips of labelled videos: a :class:`ClipDataset` of ``records`` with the supervised sampler of
+    ``mode`` (or the ``clip_sampler`` given).
+
+    Train item (``mode="train"``, :class:`~sdtl.data.sampling.RandomClipSampler`)::
 
         {"video": float[3, T, S, S], "label": int, "video_index": int, "clip_index": 0,
          "failed": [(path, reason), ...]}   # undecodable videos replaced by another random video
 
-    Test item (``mode="test"``)::
+    Test item (``mode="test"``, :class:`~sdtl.data.sampling.UniformClipsSampler`)::
 
         {"video": float[N*crops, 3, T, S, S], "label": int, "video_index": int,
          "clip_index": long[N*crops], "failed": [...]}   # clip-major: view k = clip k // crops
@@ -443,116 +547,51 @@ class VideoClipDataset(torch.utils.data.Dataset):
     instead of once per clip; see :class:`sdtl.data.video_io.ProbeCache`.
     """
 
-    #: undecodable videos tried in a row before giving up on an item (no endless retry loops)
-    max_replacements = 10
-
     def __init__(self, records: list[VideoRecord], classes: list[str], mode: str = "train", clip_len: int = 16,
                  stride: int = 1, num_clips: int = 10, crops: int = 1, size: int = 112, backend: str = "auto",
                  seed: int = 0, skip_corrupt: bool = True, crop_area: tuple[float, float] = (0.25, 1.0),
-                 probe_index=None):
+                 probe_index=None, clip_sampler: ClipSampler | None = None):
         if mode not in ("train", "test"):
             raise UserError(f"mode {mode!r}: use 'train' or 'test'")
         if not records:
-            raise UserError("empty dataset: no videos to load; check the root and the split lists")
+            raise DataError("empty dataset: no videos to load; check the root and the split lists")
         if not classes:
-            raise UserError("dataset without classes; check the split lists")
+            raise DataError("dataset without classes; check the split lists")
         for r in records:
             if not isinstance(r.label, (int, np.integer)) or not 0 <= r.label < len(classes):
-                raise UserError(f"{r.path}: label {r.label!r} out of range 0..{len(classes) - 1} "
-                                f"({len(classes)} classes); fix the list that names {r.name}")
+                raise DataError(f"{r.path}: label {r.label!r} out of range 0..{len(classes) - 1} "
+                                f"({len(classes)} classes); fix the list that names {r.name}", path=r.path)
         for key, value in (("clip_len", clip_len), ("stride", stride), ("num_clips", num_clips), ("size", size)):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{key}={value!r}: must be a positive integer")
         if crops not in (1, 3):
             raise UserError(f"crops={crops!r}: use 1 (centre) or 3 (three crops along the long side)")
+        if not (len(crop_area) == 2 and 0 < crop_area[0] <= crop_area[1] <= 1):
+            raise UserError(f"crop_area={list(crop_area)}: need [min, max] with 0 < min <= max <= 1 "
+                            f"(share of the frame area a training crop covers)")
         self.records = list(records)
         self.classes = list(classes)
         self.mode = mode
         self.clip_len, self.stride, self.num_clips, self.crops, self.size = clip_len, stride, num_clips, crops, size
-        self.backend = resolve_backend(backend)  # resolved once here, so every worker uses the same one
-        # What the probe learned about each file, shared by the workers of every epoch through the
-        # run's index file (None: each process remembers only its own probes).
-        self.probe_cache = ProbeCache(probe_index) if probe_index is not None else None
-        # DataLoader workers are forked from this process every epoch: import torchvision's transforms
-        # here, once, rather than in each worker of each epoch (~1.5 s of CPU per worker here).
-        _load_transforms()
-        self.seed = int(seed)
-        self.skip_corrupt = skip_corrupt
-        if not (len(crop_area) == 2 and 0 < crop_area[0] <= crop_area[1] <= 1):
-            raise UserError(f"crop_area={list(crop_area)}: need [min, max] with 0 < min <= max <= 1 "
-                            f"(share of the frame area a training crop covers)")
         self.crop_area = (float(crop_area[0]), float(crop_area[1]))
-        self.epoch = 0
+        if clip_sampler is None:
+            clip_sampler = (RandomClipSampler(clip_len, stride, size, self.crop_area) if mode == "train" else
+                            UniformClipsSampler(clip_len, stride, num_clips, size, crops))
+        super().__init__([r.path for r in self.records], clip_sampler, labels=[r.label for r in self.records],
+                         backend=backend, seed=seed, skip_corrupt=skip_corrupt, probe_index=probe_index)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def labels(self) -> list[int]:
-        return [r.label for r in self.records]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        epoch = self.epoch
-        if isinstance(index, tuple):  # (epoch, index) from EpochSampler: exact with persistent workers
-            epoch, index = index
-        if not 0 <= index < len(self.records):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self.records)} videos")
-        generator = sample_generator(self.seed, epoch, index)
-        if self.mode == "train":
-            return self._train_item(index, generator)
-        return self._test_item(index)
-
-    def _train_item(self, index: int, generator: torch.Generator) -> dict:
-        failed = []
-        for _ in range(self.max_replacements + 1):
-            record = self.records[index]
-            try:
-                with open_video(record.path, self.backend, self.probe_cache) as reader:
-                    frames = reader.get_frames(
-                        sample_train_clip(reader.num_frames, self.clip_len, self.stride, generator))
-                break
-            except VideoDecodeError as exc:
-                if not self.skip_corrupt:
-                    raise
-                failed.append((str(record.path), exc.reason))
-                index = int(torch.randint(0, len(self.records), (1,), generator=generator))
-        else:
-            raise UserError(f"{len(failed)} videos in a row could not be decoded (last: {failed[-1][0]}: "
-                            f"{failed[-1][1]}); run `sdtl data check --decode` on this dataset")
-        video = train_transform(frames, self.size, generator=generator, scale=self.crop_area)
-        return {"video": video, "label": record.label, "video_index": index, "clip_index": 0, "failed": failed}
-
-    def _test_item(self, index: int) -> dict:
-        record = self.records[index]
-        views = self.num_clips * self.crops
-        try:
-            with open_video(record.path, self.backend, self.probe_cache) as reader:
-                clips = sample_test_clips(reader.num_frames, self.clip_len, self.stride, self.num_clips)
-                frames = reader.get_frames([i for clip in clips for i in clip])  # one pass for all clips
-        except VideoDecodeError as exc:
-            if not self.skip_corrupt:
-                raise
-            empty = torch.zeros(0, 3, self.clip_len, self.size, self.size)
-            return {"video": empty, "label": record.label, "video_index": index,
-                    "clip_index": torch.zeros(0, dtype=torch.long), "failed": [(str(record.path), exc.reason)]}
-        frames = frames.view(self.num_clips, self.clip_len, *frames.shape[1:])
-        video = torch.cat([test_transform(clip, self.size, self.crops) for clip in frames])
-        return {"video": video, "label": record.label, "video_index": index,
-                "clip_index": torch.arange(views), "failed": []}
-
 
 def collate_clips(batch: list[dict]) -> dict:
-    """Train items stack to ``[B,3,T,S,S]``; test items concatenate clips to ``[sum N_i, 3,T,S,S]`` with
-    ``label`` and ``video_index`` repeated per clip. ``failed`` lists are concatenated."""
+    """Items with an int ``clip_index`` (one sample per video) stack: train items to ``[B,3,T,S,S]``,
+    two-clip items to ``[B,2,3,T,S,S]``. Test items (a ``clip_index`` per view) concatenate their clips
+    to ``[sum N_i, 3,T,S,S]`` with ``label`` and ``video_index`` repeated per clip. ``failed`` lists
+    are concatenated."""
     failed = [f for item in batch for f in item["failed"]]
-    if batch[0]["video"].dim() == 4:
+    if not torch.is_tensor(batch[0]["clip_index"]):
         return {"video": torch.stack([b["video"] for b in batch]),
                 "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
                 "video_index": torch.tensor([b["video_index"] for b in batch], dtype=torch.long),

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtl.errors import UserError
+from sdtl.errors import DataError, UserError
 
 OFFICIAL_SPLITS = (1, 2, 3)
 
@@ -46,12 +46,14 @@ def _lines(file) -> list[tuple[int, str]]:
     """Non-empty lines of a list file, stripped (CRLF and trailing spaces), with 1-based line numbers."""
     try:
         text = file.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{file}: list file not found; check --lists-dir (or the dataset root)") from None
+    except FileNotFoundError as exc:
+        raise DataError(f"{file}: list file not found; check the split-lists folder (data.lists_dir) or the "
+                        f"dataset root", path=file) from exc
     except UnicodeDecodeError as exc:
-        raise UserError(f"{file}: not a UTF-8 text file ({exc.reason}); is this the right list file?") from None
+        raise DataError(f"{file}: not a UTF-8 text file ({exc.reason}); is this the right list file?",
+                        path=file) from exc
     except OSError as exc:
-        raise UserError(f"{file}: cannot read the list file ({exc.strerror})") from None
+        raise DataError(f"{file}: cannot read the list file ({exc.strerror})", path=file) from exc
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -60,7 +62,7 @@ def check_split(split, allowed=OFFICIAL_SPLITS, what: str = "the official lists"
         split = int(split)
     if not isinstance(split, int) or split not in allowed:
         raise UserError(f"split {split!r}: {what} define splits {', '.join(map(str, allowed))}; "
-                        f"pass --split {allowed[0]}")
+                        f"use split {allowed[0]} (data.split)")
     return split
 
 
@@ -73,13 +75,13 @@ def read_ucf101_classes(lists_dir) -> list[str]:
     for n, line in _lines(file):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
-            raise UserError(f"{file}:{n}: expected '<index> <ClassName>', got {line!r}")
+            raise DataError(f"{file}:{n}: expected '<index> <ClassName>', got {line!r}", path=file)
         if int(parts[0]) != len(classes) + 1:
-            raise UserError(f"{file}:{n}: class index {parts[0]} out of order (expected {len(classes) + 1}); "
-                            f"classInd.txt must number classes 1, 2, 3, ...")
+            raise DataError(f"{file}:{n}: class index {parts[0]} out of order (expected {len(classes) + 1}); "
+                            f"classInd.txt must number classes 1, 2, 3, ...", path=file)
         classes.append(parts[1])
     if not classes:
-        raise UserError(f"{file}: no classes listed")
+        raise DataError(f"{file}: no classes listed", path=file)
     return classes
 
 
@@ -92,26 +94,26 @@ def read_ucf101_list(file, classes: list[str]) -> list[ListEntry]:
     for n, line in _lines(file):
         parts = line.split()
         if len(parts) > 2:
-            raise UserError(f"{file}:{n}: expected '<Class>/<video> [label]', got {line!r}")
+            raise DataError(f"{file}:{n}: expected '<Class>/<video> [label]', got {line!r}", path=file)
         relpath = parts[0].replace("\\", "/")
         folder = relpath.split("/")[0] if "/" in relpath else None
         label = None
         if folder is not None:
             label = by_name.get(folder, by_lower.get(folder.lower()))
             if label is None:
-                raise UserError(f"{file}:{n}: class folder {folder!r} is not in classInd.txt; "
-                                f"fix the list or the classInd.txt next to it")
+                raise DataError(f"{file}:{n}: class folder {folder!r} is not in classInd.txt; "
+                                f"fix the list or the classInd.txt next to it", path=file)
         if len(parts) == 2:
             if not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(classes):
-                raise UserError(f"{file}:{n}: label {parts[1]!r} is not a class index 1..{len(classes)} "
-                                f"of classInd.txt")
+                raise DataError(f"{file}:{n}: label {parts[1]!r} is not a class index 1..{len(classes)} "
+                                f"of classInd.txt", path=file)
             listed = int(parts[1]) - 1
             if label is not None and listed != label:
-                raise UserError(f"{file}:{n}: label {parts[1]} ({classes[listed]}) contradicts the folder "
-                                f"{folder!r} (class {label + 1}); fix the list")
+                raise DataError(f"{file}:{n}: label {parts[1]} ({classes[listed]}) contradicts the folder "
+                                f"{folder!r} (class {label + 1}); fix the list", path=file)
             label = listed
         if label is None:
-            raise UserError(f"{file}:{n}: {relpath!r} has neither a class folder nor a label")
+            raise DataError(f"{file}:{n}: {relpath!r} has neither a class folder nor a label", path=file)
         entries.append(ListEntry(relpath, label, f"{src}:{n}"))
     return entries
 
@@ -134,12 +136,12 @@ def read_hmdb51_split(lists_dir, split: int) -> tuple[list[str], list[ListEntry]
         # "climb" comes before "climb_stairs" (the order of the class folders, as everyone uses).
         files = sorted((f for f in lists_dir.iterdir() if f.name.endswith(suffix)),
                        key=lambda f: f.name[: -len(suffix)])
-    except (FileNotFoundError, NotADirectoryError):
-        raise UserError(f"{lists_dir}: HMDB51 list folder not found; pass the folder holding "
-                        f"<class>_test_split<K>.txt files") from None
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise DataError(f"{lists_dir}: HMDB51 list folder not found; give the folder holding "
+                        f"<class>_test_split<K>.txt files (data.lists_dir)", path=lists_dir) from exc
     if not files:
-        raise UserError(f"{lists_dir}: no '*{suffix}' files; HMDB51 lists are named "
-                        f"<class>_test_split<K>.txt (testTrainMulti_7030_splits)")
+        raise DataError(f"{lists_dir}: no '*{suffix}' files; HMDB51 lists are named "
+                        f"<class>_test_split<K>.txt (testTrainMulti_7030_splits)", path=lists_dir)
     classes = [f.name[: -len(suffix)] for f in files]
     train, test = [], []
     for label, (cls, file) in enumerate(zip(classes, files)):
@@ -147,7 +149,7 @@ def read_hmdb51_split(lists_dir, split: int) -> tuple[list[str], list[ListEntry]
         for n, line in _lines(file):
             parts = line.split()
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-                raise UserError(f"{file}:{n}: expected '<video>.avi <0|1|2>', got {line!r}")
+                raise DataError(f"{file}:{n}: expected '<video>.avi <0|1|2>', got {line!r}", path=file)
             if parts[1] == "0":
                 continue
             entry = ListEntry(f"{cls}/{parts[0]}", label, f"{src}:{n}")
@@ -161,7 +163,7 @@ def read_class_names(file) -> list[str]:
     """One class name per line (``classes.txt``); the line order is the label order."""
     classes = [line for _, line in _lines(file)]
     if len(set(classes)) != len(classes):
-        raise UserError(f"{file}: a class name appears twice")
+        raise DataError(f"{file}: a class name appears twice", path=file)
     return classes
 
 
@@ -185,6 +187,11 @@ def read_path_list(file, classes: list[str] | None = None) -> list[tuple[str, st
     return rows
 
 
+def _file_of(where: str) -> str:
+    """The list file of a ``"file:line"`` location."""
+    return where.rsplit(":", 1)[0]
+
+
 def label_rows(rows, classes: list[str]) -> list[ListEntry]:
     """Turn raw rows into entries: label = 0-based index, class name, or (no label) the path's first folder."""
     by_name = {c: i for i, c in enumerate(classes)}
@@ -193,19 +200,19 @@ def label_rows(rows, classes: list[str]) -> list[ListEntry]:
         if label is None:
             folder = relpath.split("/")[0] if "/" in relpath else None
             if folder not in by_name:
-                raise UserError(f"{where}: {relpath!r} has no label and its folder is not a class; "
-                                f"write '<path>,<label>' lines")
+                raise DataError(f"{where}: {relpath!r} has no label and its folder is not a class; "
+                                f"write '<path>,<label>' lines", path=_file_of(where))
             idx = by_name[folder]
         elif re.fullmatch(r"-?\d+", label):
             idx = int(label)
             if not 0 <= idx < len(classes):
-                raise UserError(f"{where}: label {idx} out of range 0..{len(classes) - 1} "
-                                f"({len(classes)} classes); labels in user lists are 0-based")
+                raise DataError(f"{where}: label {idx} out of range 0..{len(classes) - 1} "
+                                f"({len(classes)} classes); labels in user lists are 0-based", path=_file_of(where))
         elif label in by_name:
             idx = by_name[label]
         else:
-            raise UserError(f"{where}: unknown class {label!r}; known classes: "
-                            f"{', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}")
+            raise DataError(f"{where}: unknown class {label!r}; known classes: "
+                            f"{', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}", path=_file_of(where))
         entries.append(ListEntry(relpath, idx, where))
     return entries
 
@@ -216,7 +223,8 @@ def classes_from_rows(rows) -> list[str]:
     ints = [label for label in labels if re.fullmatch(r"\d+", label)]
     if ints and len(ints) != len(labels):
         where = next(w for _, label, w in rows if label is not None and not re.fullmatch(r"\d+", label))
-        raise UserError(f"{where}: mixes class names and integer labels; use one kind, or add a classes.txt")
+        raise DataError(f"{where}: mixes class names and integer labels; use one kind, or add a classes.txt",
+                        path=_file_of(where))
     if ints:
         return [str(i) for i in range(max(int(x) for x in ints) + 1)]
     names = set(labels) | {p.split("/")[0] for p, label, _ in rows if label is None and "/" in p}

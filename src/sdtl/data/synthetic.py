@@ -68,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdtl.errors import UserError
+from sdtl.errors import DataError, UserError
 
 GENERATOR_VERSION = 2  # 2: preset small = tempo classes, 6+8 groups of 4 clips
 
@@ -491,20 +491,22 @@ def written_by_synth(out_dir: Path) -> bool:
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory; pass another --out")
+        raise DataError(f"{out_dir}: exists and is not a directory; choose another output folder", path=out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
-            raise UserError(f"{out_dir}: directory is not empty; pass --force to replace a dataset sdtl synth "
-                            f"wrote there, or choose another --out")
+            raise DataError(f"{out_dir}: directory is not empty; replace a dataset sdtl synth wrote there with "
+                            f"force=True (`sdtl synth --force`), or choose another output folder", path=out_dir)
         if not written_by_synth(out_dir):
-            # --force replaces only what `sdtl synth` wrote: never a folder of someone else's files.
-            raise UserError(f"--out {out_dir}: not a dataset written by `sdtl synth` (no sdtl meta.json), so "
-                            f"--force will not replace it; nothing was deleted. Choose another --out")
+            # force replaces only what `sdtl synth` wrote: never a folder of someone else's files.
+            raise DataError(f"{out_dir}: not a dataset written by `sdtl synth` (no sdtl meta.json), so "
+                            f"force will not replace it; nothing was deleted. Choose another output folder",
+                            path=out_dir)
         foreign = _files_synth_did_not_write(out_dir)
         if foreign:
-            raise UserError(f"--out {out_dir}: an `sdtl synth` dataset, but it also holds files synth did not "
-                            f"write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so --force "
-                            f"will not replace it; nothing was deleted. Move them out, or choose another --out")
+            raise DataError(f"{out_dir}: an `sdtl synth` dataset, but it also holds files synth did not "
+                            f"write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so force "
+                            f"will not replace it; nothing was deleted. Move them out, or choose another output "
+                            f"folder", path=out_dir)
 
 
 def _files_synth_did_not_write(out_dir: Path) -> list[str]:
@@ -532,11 +534,11 @@ def generate_synthetic(out_dir, preset: str = "small", seed: int = 0, force: boo
     video of the full pool): ``sdtl demo --quick`` needs a few for its retention probe, not 600.
     """
     if preset not in PRESETS:
-        raise UserError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"preset {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
     if pool_size is not None:
         if not 0 <= pool_size <= spec.pool_size:
-            raise UserError(f"--pool-size {pool_size}: must be between 0 and {spec.pool_size} for preset {preset}")
+            raise UserError(f"pool_size={pool_size}: must be between 0 and {spec.pool_size} for preset {preset}")
         spec = dataclasses.replace(spec, pool_size=int(pool_size))
     seed = int(seed)
     out_dir = Path(out_dir)

@@ -180,7 +180,7 @@ def _open_container(path):
     except VideoDecodeError:
         raise
     except Exception as exc:  # FileNotFoundError, PermissionError, av.InvalidDataError, ...
-        raise VideoDecodeError(path, _describe(exc)) from None
+        raise VideoDecodeError(path, _describe(exc)) from exc
     if not container.streams.video:
         container.close()
         raise VideoDecodeError(path, "no video stream")
@@ -327,7 +327,7 @@ def _probe_file(path) -> PacketProbe:
     except VideoDecodeError:
         raise
     except Exception as exc:
-        raise VideoDecodeError(path, _describe(exc)) from None
+        raise VideoDecodeError(path, _describe(exc)) from exc
     finally:
         container.close()
     if count == 0:
@@ -339,7 +339,7 @@ def _probe_file(path) -> PacketProbe:
         except VideoDecodeError:
             raise
         except Exception as exc:
-            raise VideoDecodeError(path, _describe(exc)) from None
+            raise VideoDecodeError(path, _describe(exc)) from exc
     if reason is None:
         return PacketProbe(len(pts), None, fps, tuple(pts), tuple(keys), (tb.numerator, tb.denominator))
     if is_avi and header_frames == count:
@@ -517,7 +517,7 @@ def _count_frames_by_decoding(container, stream, path) -> int:
             n += 1
     except Exception as exc:
         if n == 0:
-            raise VideoDecodeError(path, _describe(exc)) from None
+            raise VideoDecodeError(path, _describe(exc)) from exc
         log.debug("%s: decode stopped after %d frames: %s", path, n, exc)
     if n == 0:
         raise VideoDecodeError(path, "no frame could be decoded")
@@ -583,7 +583,7 @@ class PyAVReader(VideoReader):
         except VideoDecodeError:
             raise
         except Exception as exc:
-            raise VideoDecodeError(self.path, _describe(exc)) from None
+            raise VideoDecodeError(self.path, _describe(exc)) from exc
         return torch.from_numpy(np.stack([got[i] for i in idx]))
 
     def _decode_sequential(self, wanted: list[int]) -> dict[int, np.ndarray]:
@@ -679,7 +679,7 @@ class TorchcodecReader(VideoReader):
             meta = self._decoder.metadata
             count, begin = len(self._decoder), meta.begin_stream_seconds_from_content
         except Exception as exc:
-            raise VideoDecodeError(self.path, _describe(exc)) from None
+            raise VideoDecodeError(self.path, _describe(exc)) from exc
         first = None if begin is None else self._to_pts(begin)
         if count != self._probe.num_frames or first != self._probe.pts[0]:
             self._use_exact_path(f"torchcodec's index ({count} frames from pts {first}) differs from the "
@@ -721,7 +721,7 @@ class TorchcodecReader(VideoReader):
         try:
             batch = self._decoder.get_frames_at(wanted)
         except Exception as exc:
-            raise VideoDecodeError(self.path, _describe(exc)) from None
+            raise VideoDecodeError(self.path, _describe(exc)) from exc
         returned = [self._to_pts(t) for t in batch.pts_seconds.tolist()]
         expected = [self._probe.pts[i] for i in wanted]
         if returned != expected:
@@ -787,7 +787,7 @@ def probe_video(path) -> VideoProbe:
                 width, height = frame.width, frame.height
         except Exception as exc:
             raise VideoDecodeError(path, f"decoding failed after {len(decoded_pts)} frames: "
-                                         f"{_describe(exc)}") from None
+                                         f"{_describe(exc)}") from exc
     finally:
         container.close()
     if not decoded_pts:

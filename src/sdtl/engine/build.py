@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
-from sdtl.errors import UserError
+from sdtl.errors import CheckpointError, ConfigError, DataError
 from sdtl.models.classifier import model_options
-from sdtl.regularizers import DELTA, Regularizer, build_regularizer
+from sdtl.regularizers import registry
+from sdtl.regularizers.base import Regularizer
 
 log = logging.getLogger("sdtl.finetune")
 
@@ -21,8 +23,12 @@ def build_datasets(cfg, need_train: bool = True):
 
     d = cfg.data
     if not d.root:
-        raise UserError("config key data.root: empty; point it at the dataset folder, e.g. "
-                        "--set data.root=/data/UCF101 (for the demo data: `sdtl synth --out DIR` first)")
+        raise ConfigError("data.root", "empty", "point it at the dataset folder, e.g. data.root=/data/UCF101 "
+                          "(for the demo data, write one with `sdtl synth` first)")
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError("data.root", f"{d.root} {'is not a folder' if root.exists() else 'does not exist'}",
+                          "point it at the dataset folder (the one holding the class folders)")
     common = dict(clip_len=d.clip_len, stride=d.stride, size=d.size, backend=d.backend, seed=cfg.run.seed)
     test_records, classes = list_records(d.dataset, d.root, split=d.split, subset="test",
                                          lists_dir=d.lists_dir, on_missing=d.on_missing)
@@ -33,8 +39,8 @@ def build_datasets(cfg, need_train: bool = True):
     records, train_classes = list_records(d.dataset, d.root, split=d.split, subset="train",
                                           lists_dir=d.lists_dir, on_missing=d.on_missing)
     if list(train_classes) != list(classes):
-        raise UserError(f"data.root {d.root}: train and test lists disagree on the classes; check the "
-                        f"split lists")
+        raise DataError(f"{d.root}: the train and test lists disagree on the classes; check the split lists",
+                        path=d.root)
     if d.val_fraction > 0:
         train_records, val_records = stratified_split(records, fraction=d.val_fraction, seed=cfg.run.seed)
     else:
@@ -77,53 +83,42 @@ def _probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7
             torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long))
 
 
-def build_run_regularizer(cfg, model, train_ds, classes, state, info) -> Regularizer | None:
-    """The configured regularizer on the model as loaded; on resume, its state from the checkpoint.
+def build_run_regularizer(cfg, model, train_ds, classes, task_state, info) -> Regularizer | None:
+    """The configured regularizer on the model as loaded; on resume (``task_state``: the checkpoint's
+    task state, None for a fresh run), its state from the checkpoint.
 
-    DELTA's channel attention is computed here once (fresh runs) and stored in checkpoints.
+    A fresh run gives a regularizer that asks for them (``reg.start_clips``; DELTA's channel
+    attention) that many training clips once, before the first step; its result is in checkpoints.
     """
     r = cfg.regularizer
     try:
-        reg = build_regularizer(r, model.encoder, model.head)
+        reg = registry.build_regularizer(r, model.encoder, model.head)
     except ValueError as exc:
-        raise UserError(f"config section regularizer: {exc}") from None
+        from sdtl.engine.config import config_error_from
+
+        raise config_error_from(exc, "regularizer") from exc
     if reg is None:
         return None
     reg.to(info.device)
-    if state is not None:
+    if task_state is not None:
         try:
-            reg.load_checkpoint_state(state.get("regularizer_state"))
+            reg.load_checkpoint_state(task_state.get("regularizer"))
         except ValueError as exc:
-            raise UserError(f"--resume: cannot restore the {r.name} regularizer ({exc}); resume with the "
-                            f"run's own config") from None
-    elif isinstance(reg, DELTA) and r.attention == "channel":
+            raise CheckpointError(f"the checkpoint resumed from cannot restore the {r.name} regularizer ({exc}); "
+                                  f"resume with the run's own config") from exc
+    elif reg.start_clips:
         t0 = time.perf_counter()
-        clips, labels = _probe_clips(cfg, train_ds, classes, count=r.attention_samples, salt=104729)
-        reg.compute_attention(clips, labels, len(classes), batch_size=cfg.data.batch_size, seed=cfg.run.seed)
-        if info.is_main:
-            log.info("DELTA channel attention from %d clips over %s in %.1f s", len(clips), reg.layers,
-                     time.perf_counter() - t0)
+        clips, labels = _probe_clips(cfg, train_ds, classes, count=reg.start_clips, salt=104729)
+        done = reg.start(clips, labels, len(classes), batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+        if info.is_main and done:
+            log.info("%s in %.1f s", done, time.perf_counter() - t0)
     return reg
 
 
 def describe_method(cfg) -> str:
     """One line naming the method of a run: regularizer (or plain), LP-FT, layer-wise decay."""
-    r, o = cfg.regularizer, cfg.optim
-    if r.name == "none" or r.weight == 0:
-        out = "plain fine-tuning (no regularizer)"
-    elif r.name == "sd":
-        every = f", teacher refreshed every {r.snapshot_every} steps" if r.snapshot_every else ""
-        out = f"self-distillation λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn}{every})"
-    elif r.name == "fixed_teacher":
-        out = f"distillation from the fixed pre-trained encoder λ={r.weight:g} ({r.reduction}, teacher BN {r.teacher_bn})"
-    elif r.name == "ema_sd":
-        out = f"self-distillation from an EMA teacher λ={r.weight:g} (decay {r.ema_decay:g}, {r.reduction})"
-    elif r.name == "l2sp":
-        out = f"L2-SP α={r.weight:g} β={r.head_weight:g}"
-    elif r.name == "delta":
-        out = f"DELTA α={r.weight:g} β={r.head_weight:g} (attention {r.attention})"
-    else:
-        out = f"BSS η={r.weight:g} k={r.k}"
+    o = cfg.optim
+    out = registry.describe(cfg.regularizer)
     if o.lp_epochs:
         out += f" | LP-FT: head alone for {o.lp_epochs} epoch(s)"
     if o.layer_decay < 1:

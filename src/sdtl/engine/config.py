@@ -1,8 +1,9 @@
 """One typed configuration for a fine-tuning or pre-training run.
 
 A run is described by nested dataclasses (data, model, optim, regularizer, eval, run), read from a
-YAML recipe and overridden with ``--set section.key=value``. Every key is checked against the
-dataclass: an unknown key or a wrong type is a :class:`~sdtl.errors.UserError` naming the dotted key,
+YAML recipe and overridden with ``section.key=value`` (``--set`` on the command line). Every key is
+checked against the dataclass: an unknown key, a wrong type or a value out of range is a
+:class:`~sdtl.errors.ConfigError` whose ``key`` is the dotted key,
 so a typo can never be silently ignored. The effective config is written next to the run
 (``OUT/config.yaml``) and stored in every checkpoint, which is what makes a result reproducible.
 
@@ -11,6 +12,7 @@ inheritance between them, so what a recipe says is all it does.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -22,7 +24,8 @@ from typing import Any
 import yaml
 
 from sdtl.atomic import atomic_write_text
-from sdtl.errors import UserError
+from sdtl.errors import ConfigError, UserError
+from sdtl.regularizers import registry
 
 
 @dataclass
@@ -80,36 +83,71 @@ class OptimConfig:
     fused: str = "auto"  # auto (fused optimizer step on CUDA) | on | off
 
 
-@dataclass
 class RegularizerConfig:
-    """What keeps the encoder near what it knew: the paper's self-distillation (default) or another
-    member of the family. ``weight`` is the penalty's multiplier (λ, α or η); 0 = plain fine-tuning."""
+    """What keeps the encoder near what it knew: ``name`` (the paper's self-distillation ``sd`` by
+    default, ``none``, or another member of the family in
+    :data:`sdtl.regularizers.registry.REGULARIZERS`), ``weight`` (the penalty's multiplier: λ, α or
+    η; 0 = plain fine-tuning) and the named method's :attr:`options` (its typed, validated dataclass).
 
-    name: str = "sd"  # none | sd | fixed_teacher | ema_sd | l2sp | delta | bss (README: the regularizer family)
-    weight: float = 0.0  # λ (sd, fixed_teacher, ema_sd), α (l2sp, delta) or η (bss); 0 = off
-    reduction: str = "mean"  # sd family: mean (MSE over batch and features) | sum (per-sample squared L2)
-    teacher_bn: str = "batch"  # sd family, delta: batch (batch stats, no updates) | eval (running stats)
-    snapshot_every: int = 0  # sd: also refresh the teacher every N optimizer steps (0 = once per epoch)
-    ema_decay: float = 0.999  # ema_sd: teacher <- a*teacher + (1-a)*student after every step
-    head_weight: float = 0.01  # l2sp, delta: beta of the head's L2 (optimizer weight decay is then off)
-    layers: list[str] = field(default_factory=list)  # delta: encoder module names ([] = last conv of each stage)
-    attention: str = "channel"  # delta: channel (computed once, as the paper) | none (uniform)
-    attention_samples: int = 128  # delta: training clips used to compute the channel attention
-    k: int = 1  # bss: number of smallest singular values shrunk
+    Read and written with *flat* keys (``regularizer.k``, ``regularizer.teacher_bn``, ...), as
+    recipes, ``--set`` and the config.yaml of existing runs spell them. It holds every registered
+    method's keys, at their defaults unless set, so one section can be swept over
+    ``regularizer.name``; :func:`validate_ranges` refuses a key of another method set to a
+    non-default value (it would do nothing). ``RegularizerConfig(name="bss", weight=0.1, k=2)``.
+    """
 
+    def __init__(self, name: str = "sd", weight: float = 0.0, **keys) -> None:
+        known = registry.option_keys()
+        unknown = sorted(set(keys) - set(known))
+        if unknown:
+            raise TypeError(f"RegularizerConfig: unknown key {unknown[0]!r}; valid keys are: name, weight, "
+                            f"{', '.join(known)}")
+        self.name = name
+        self.weight = weight
+        self._values = {k: keys[k] if k in keys else key.default() for k, key in known.items()}
 
-# Which regularizer reads which key of the `regularizer` section (name and weight: all of them).
-REGULARIZER_KEYS = {
-    "reduction": ("sd", "fixed_teacher", "ema_sd"),
-    "teacher_bn": ("sd", "fixed_teacher", "ema_sd", "delta"),
-    "snapshot_every": ("sd",),
-    "ema_decay": ("ema_sd",),
-    "head_weight": ("l2sp", "delta"),
-    "layers": ("delta",),
-    "attention": ("delta",),
-    "attention_samples": ("delta",),
-    "k": ("bss",),
-}
+    def __getattr__(self, key: str):  # only for what normal lookup does not find: the option keys
+        values = self.__dict__.get("_values")
+        if values is not None and not key.startswith("__"):
+            if key in values:
+                return values[key]
+            known = registry.option_keys().get(key)
+            if known is not None:  # registered after this config was made
+                return known.default()
+        raise AttributeError(f"{type(self).__name__} has no key {key!r}")
+
+    def __setattr__(self, key: str, value) -> None:
+        if key in ("name", "weight", "_values"):
+            object.__setattr__(self, key, value)
+        elif key in registry.option_keys():
+            self._values[key] = value
+        else:
+            raise AttributeError(f"{type(self).__name__} has no key {key!r}")
+
+    def to_dict(self) -> dict:
+        """The flat section as written to config.yaml: name, weight, then every registered key."""
+        return {"name": self.name, "weight": self.weight,
+                **{k: copy.deepcopy(getattr(self, k)) for k in registry.option_keys()}}
+
+    def options_for(self, name: str):
+        """The options dataclass of regularizer ``name`` from this section's keys (validated:
+        ValueError naming ``regularizer.<key>``)."""
+        spec = registry.spec_of(name)
+        return spec.options(**{f.name: copy.deepcopy(getattr(self, f.name))
+                               for f in dataclasses.fields(spec.options) if f.init})
+
+    @property
+    def options(self):
+        """The named regularizer's options (None for ``none``)."""
+        return None if self.name == registry.NONE else self.options_for(self.name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RegularizerConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"RegularizerConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
 
 @dataclass
@@ -141,6 +179,10 @@ class RunConfig:
     cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA; never with deterministic)
     compile: bool = False  # torch.compile the model (pays off on long runs; first steps are slow)
     compile_backend: str = "inductor"  # torch.compile backend (e.g. inductor, cudagraphs, aot_eager, eager)
+    # Mid-epoch checkpoints (last.pt) every N optimizer steps and/or every M minutes; 0 = only at epoch ends.
+    # A stop request (SIGINT, SIGTERM, SIGUSR1) always writes one, whatever these say.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
 
 
 @dataclass
@@ -190,7 +232,8 @@ class PretrainConfig:
 
 KINDS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
 
-# Allowed values of string options, checked up front so a typo fails before any work starts.
+# Allowed values of string options, checked up front so a typo fails before any work starts. The
+# `regularizer` section's (name, and each method's option choices) come from the registry: choices_for.
 CHOICES = {
     "data.dataset": ("ucf101", "hmdb51", "folder", "csv", "synthetic"),
     "data.on_missing": ("error", "skip"),
@@ -200,14 +243,18 @@ CHOICES = {
     "optim.amp": ("auto", "off", "bf16", "fp16"),
     "optim.fused": ("auto", "on", "off"),
     "run.channels_last": ("auto", "on", "off"),
-    "regularizer.name": ("none", "sd", "fixed_teacher", "ema_sd", "l2sp", "delta", "bss"),
-    "regularizer.attention": ("channel", "none"),
-    "regularizer.reduction": ("mean", "sum"),
-    "regularizer.teacher_bn": ("eval", "batch"),
     "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
     "run.device": ("auto", "cpu", "cuda"),
     "task.name": ("speed",),
 }
+
+
+def choices_for(section_key: str) -> tuple | None:
+    """Allowed values of ``section.key`` (None: any)."""
+    section, _, key = section_key.partition(".")
+    if section == "regularizer":
+        return registry.choices().get(key)
+    return CHOICES.get(section_key)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -231,18 +278,18 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
         path = recipe_dir() / f"{name_or_path}.yaml"
         if not path.exists():
             names = ", ".join(r["name"] for r in list_recipes())
-            raise UserError(f"--config {name_or_path}: no such recipe or file; "
+            raise UserError(f"config {name_or_path}: no such recipe or file; "
                             f"use one of: {names} (see `sdtl recipes`) or a path to a YAML file")
     elif not path.exists():
-        raise UserError(f"--config {name_or_path}: file not found; pass a YAML path or a recipe name")
+        raise UserError(f"config {name_or_path}: file not found; give a YAML path or a recipe name")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({exc}); fix the file") from None
+        raise UserError(f"config {path}: not valid YAML ({exc}); fix the file") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"--config {path}: expected a mapping of sections at the top level")
+        raise UserError(f"config {path}: expected a mapping of sections at the top level")
     return raw, str(path)
 
 
@@ -251,21 +298,22 @@ def parse_overrides(items: list[str] | None) -> dict:
     nested: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise UserError(f"--set {item}: expected key=value, e.g. --set optim.lr=0.01")
+            raise UserError(f"override {item!r}: expected key=value, e.g. optim.lr=0.01")
         key, _, value = item.partition("=")
         key = key.strip()
         if not key:
-            raise UserError(f"--set {item}: empty key; expected section.key=value")
+            raise UserError(f"override {item!r}: empty key; expected section.key=value")
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
         node = nested
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {item}: {part} is set twice with different shapes")
+                raise ConfigError(".".join(parts[: i + 1]), f"set both as a value and as a section (override {item!r})",
+                                  "set either the section's keys or the value, not both")
         node[parts[-1]] = parsed
     return nested
 
@@ -281,20 +329,22 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None, kind: str = "finetune"):
-    """Read a recipe or YAML file, apply ``--set`` overrides and validate everything."""
+    """Read a recipe or YAML file, apply ``overrides`` (``["optim.lr=0.01", ...]``) and validate the
+    types and choices (:func:`validate_ranges` checks the values). Bad input raises
+    :class:`~sdtl.errors.ConfigError` naming the key, or :class:`~sdtl.errors.UserError` for the file."""
     raw, source = _read_yaml(name_or_path)
     raw.pop("decoder", None)  # informational lines of a run's config.yaml (which decoder it used,
     raw.pop("runtime", None)  # what the auto options resolved to)
     file_kind = raw.pop("kind", kind)
     if file_kind != kind:
-        raise UserError(f"--config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
+        raise UserError(f"config {name_or_path}: this is a {file_kind} recipe, not a {kind} one; "
                         f"run `sdtl {file_kind}` with it, or pick a {kind} recipe from `sdtl recipes`")
     merged = _merge(raw, parse_overrides(overrides))
     return absolute_paths(from_dict(KINDS[kind], merged, where=""))
 
 
 # Keys that name files or folders. Stored absolute: a run's config.yaml and checkpoints are read again
-# by `evaluate`, `--resume` and `sdtl demo` from other working directories.
+# by `sdtl evaluate`, a resumed run and `sdtl demo` from other working directories.
 PATH_KEYS = ("data.root", "data.lists_dir", "data.list_file", "model.pretrained", "eval.retention")
 
 
@@ -320,7 +370,10 @@ def config_from_dict(data: dict, kind: str = "finetune"):
 
 
 def to_dict(cfg) -> dict:
-    return asdict(cfg)
+    out = asdict(cfg)
+    if isinstance(getattr(cfg, "regularizer", None), RegularizerConfig):
+        out["regularizer"] = cfg.regularizer.to_dict()  # flat, as recipes and existing runs spell it
+    return out
 
 
 def dump_config(cfg, path: Path, kind: str, decoder: str | None = None, runtime: dict | None = None) -> None:
@@ -333,14 +386,15 @@ def dump_config(cfg, path: Path, kind: str, decoder: str | None = None, runtime:
 # ------------------------------------------------------------------------------------ validation
 def from_dict(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise UserError(f"config {where or 'top level'}: expected a mapping, got {type(data).__name__} "
-                        f"{data!r}")
+        if where:
+            raise ConfigError(where, f"expected a mapping, got {type(data).__name__} {data!r}")
+        raise UserError(f"config top level: expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise UserError(f"config key {key}: unknown key; valid keys here are: {', '.join(sorted(names))}")
+        raise ConfigError(key, "unknown key", f"valid keys here are: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -352,6 +406,8 @@ def from_dict(cls, data: Any, where: str):
 
 def _coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
+    if tp is RegularizerConfig:
+        return _regularizer_from_dict(value, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
@@ -392,7 +448,7 @@ def _coerce(tp, value, key: str):
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, bool) and "off" in CHOICES.get(".".join(key.split(".")[-2:]), ()):
+        if isinstance(value, bool) and "off" in (choices_for(".".join(key.split(".")[-2:])) or ()):
             return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -400,38 +456,50 @@ def _coerce(tp, value, key: str):
     raise _type_error(key, tp, value)
 
 
-def _type_error(key: str, tp, value) -> UserError:
+def _type_error(key: str, tp, value) -> ConfigError:
     name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-    return UserError(f"config key {key}: expected {name}, got {type(value).__name__} {value!r}")
+    return ConfigError(key, f"expected {name}, got {type(value).__name__} {value!r}")
 
 
 def _check_choices(cfg, where: str) -> None:
     for f in dataclasses.fields(cfg):
         key = f"{where}.{f.name}" if where else f.name
         value = getattr(cfg, f.name)
-        section_key = ".".join(key.split(".")[-2:])
-        if section_key in CHOICES and value not in CHOICES[section_key]:
-            raise UserError(f"config key {key}: {value!r} is not one of {', '.join(CHOICES[section_key])}")
+        _check_choice(key, value)
+
+
+def _check_choice(key: str, value) -> None:
+    allowed = choices_for(".".join(key.split(".")[-2:]))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _regularizer_from_dict(data: Any, where: str) -> RegularizerConfig:
+    """The flat ``regularizer`` section: name, weight and every registered method's keys, typed by
+    the options dataclass that declares them."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(data).__name__} {data!r}")
+    types_of = {"name": str, "weight": float, **{k: key.type for k, key in registry.option_keys().items()}}
+    unknown = sorted(set(data) - set(types_of))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", f"valid keys here are: {', '.join(sorted(types_of))}")
+    cfg = RegularizerConfig(**{k: _coerce(types_of[k], v, f"{where}.{k}") for k, v in data.items()})
+    for k in types_of:
+        _check_choice(f"{where}.{k}", getattr(cfg, k))
+    return cfg
 
 
 def validate_ranges(cfg) -> None:
     """Value checks that types alone cannot express (run before any work starts)."""
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise UserError(f"config key {key}: {msg} (got {_get(cfg, key)!r})")
+            raise ConfigError(key, f"{msg} (got {_get(cfg, key)!r})")
 
     if isinstance(cfg, FinetuneConfig):
         r = cfg.regularizer
         need(r.weight >= 0, "regularizer.weight", "must be >= 0; use 0 for plain fine-tuning")
         _check_regularizer_keys(r)
-        need(r.snapshot_every >= 0, "regularizer.snapshot_every", "must be >= 0 (0 = once per epoch)")
-        need(0 <= r.ema_decay < 1, "regularizer.ema_decay", "must be in [0, 1), e.g. 0.999")
-        need(r.head_weight >= 0, "regularizer.head_weight", "must be >= 0")
-        need(r.attention_samples >= 2, "regularizer.attention_samples", "must be >= 2")
-        need(r.k >= 1, "regularizer.k", "must be >= 1")
-        need(r.name != "bss" or r.k < cfg.data.batch_size, "regularizer.k",
-             f"must be smaller than data.batch_size ({cfg.data.batch_size}): a batch has at most that many "
-             f"singular values")
+        _check_regularizer_options(cfg)
         need(0 <= cfg.optim.lp_epochs < cfg.optim.epochs, "optim.lp_epochs",
              f"must be in [0, optim.epochs={cfg.optim.epochs}): LP-FT needs epochs left to fine-tune")
         need(cfg.data.split in (1, 2, 3), "data.split", "official splits are 1, 2 or 3")
@@ -450,6 +518,8 @@ def validate_ranges(cfg) -> None:
          "must be [min, max] with 0 < min <= max <= 1, e.g. [0.25, 1.0]")
     need(data.workers >= 0, "data.workers", "must be >= 0")
     need(data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    need(cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0 (0 = only at epoch ends)")
+    need(cfg.run.checkpoint_every_minutes >= 0, "run.checkpoint_every_minutes", "must be >= 0 (0 = off)")
     o = cfg.optim
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -468,12 +538,58 @@ def validate_ranges(cfg) -> None:
 
 def _check_regularizer_keys(r: RegularizerConfig) -> None:
     """A key set for another regularizer than ``regularizer.name`` would silently do nothing: refuse it."""
-    default = RegularizerConfig()
-    for key, users in REGULARIZER_KEYS.items():
-        if r.name in users or r.name == "none" or getattr(r, key) == getattr(default, key):
+    keys = registry.option_keys()
+    for key, spec in keys.items():
+        users = spec.users
+        if r.name in users or r.name == registry.NONE or getattr(r, key) == spec.default():
             continue
-        raise UserError(f"config key regularizer.{key}: used only by regularizer.name={' or '.join(users)}, "
-                        f"not {r.name!r}; remove it, or set regularizer.name to one of those")
+        raise ConfigError(f"regularizer.{key}", f"used only by regularizer.name={' or '.join(users)}, not {r.name!r}",
+                          "remove it, or set regularizer.name to one of those")
+
+
+def _check_regularizer_options(cfg) -> None:
+    """The named regularizer's options check themselves (ranges; rules against other sections). With
+    ``none`` every method's keys are checked, so no later ``name=`` inherits a bad value."""
+    r = cfg.regularizer
+    try:
+        if r.name == registry.NONE:
+            for name in registry.REGULARIZERS:
+                r.options_for(name)
+        else:
+            r.options.check_run(cfg)
+    except ValueError as exc:  # "regularizer.<key>: <rule> (got <value>)"
+        raise config_error_from(exc, "regularizer") from exc
+
+
+def config_error_from(exc: ValueError, section: str) -> ConfigError:
+    """A :class:`ConfigError` from a ``ValueError`` of a lower layer (the regularizers) that begins with
+    the key it is about (``"regularizer.k: must be >= 1 (got 0)"``); without one, the ``section``."""
+    text = str(exc)
+    head, sep, rest = text.partition(": ")
+    if sep and head.startswith(f"{section}.") and " " not in head:
+        return ConfigError(head, rest)
+    return ConfigError(section, text)
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` (``optim.lr``, ``optim.milestones[0]``) names a value of a finetune or pretrain
+    config: something ``section.key=value`` can set (not a section, not a misspelt key)."""
+    parts = key.split("[", 1)[0].split(".")
+    return any(_is_leaf(cls, parts) for cls in KINDS.values())
+
+
+def _is_leaf(cls, parts: list[str]) -> bool:
+    node: Any = cls
+    for i, part in enumerate(parts):
+        if node is RegularizerConfig:  # flat keys: name, weight and every registered option
+            return i == len(parts) - 1 and (part in ("name", "weight") or part in registry.option_keys())
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return not (node is RegularizerConfig or (isinstance(node, type) and dataclasses.is_dataclass(node)))
 
 
 def _get(cfg, dotted: str):

@@ -121,20 +121,20 @@ class RetentionProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> "RetentionProbe":
-        from sdtl.errors import UserError
+        from sdtl.errors import ConfigError
 
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config key eval.retention: {path} not found; give a retention_probe.pt written "
-                            f"by `sdtl pretrain` (OUT/retention_probe.pt), or leave eval.retention empty")
+            raise ConfigError("eval.retention", f"{path} not found", "give a retention_probe.pt written by "
+                              "`sdtl pretrain` (in its run folder), or leave eval.retention empty")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise UserError(f"config key eval.retention: {path} is not readable ({exc}); regenerate it "
-                            f"with `sdtl pretrain` or leave eval.retention empty") from None
+            raise ConfigError("eval.retention", f"{path} is not readable ({(str(exc).splitlines() or [''])[0]})",
+                              "regenerate it with `sdtl pretrain` or leave eval.retention empty") from exc
         if not isinstance(obj, dict) or obj.get("sdtl_format") != cls.FORMAT:
-            raise UserError(f"config key eval.retention: {path} is not a retention probe written by sdtl; "
-                            f"give OUT/retention_probe.pt of an `sdtl pretrain` run")
+            raise ConfigError("eval.retention", f"{path} is not a retention probe written by sdtl",
+                              "give the retention_probe.pt of an `sdtl pretrain` run")
         return cls(obj["clips"], obj["labels"], obj["head"], obj["task"], obj["task_options"], obj.get("source", ""))
 
 
@@ -145,14 +145,15 @@ def make_retention_probe(pretrain_checkpoint: str | Path, videos: list[Path], si
     Pretext clips are drawn deterministically (seeded) from ``videos`` until every pretext class has
     ``clips_per_class`` clips, with the pre-training augmentation; the head is the checkpoint's.
     """
+    from sdtl.data.datasets import ClipDataset
     from sdtl.pretext import PRETEXT_TASKS
-    from sdtl.pretext.dataset import PretextClipDataset
+    from sdtl.pretext.dataset import PretextSampler
 
     ckpt = torch.load(pretrain_checkpoint, map_location="cpu", weights_only=True)
     task_name, strides = ckpt["task"], ckpt["task_options"]["strides"]
     clip_len = int(ckpt.get("config", {}).get("data", {}).get("clip_len", 16))
     task = PRETEXT_TASKS[task_name](strides, clip_len)
-    ds = PretextClipDataset(list(videos), task, size, backend, seed + 104729, crop_area)
+    ds = ClipDataset(list(videos), PretextSampler(task, size, crop_area), backend=backend, seed=seed + 104729)
     per_class: dict[int, list[torch.Tensor]] = {k: [] for k in range(task.num_outputs)}
     draws = ((draw, i) for draw in range(64) for i in range(len(ds)))  # a new seeded draw per round
     for draw, i in draws:

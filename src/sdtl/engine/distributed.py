@@ -30,12 +30,12 @@ class DistInfo:
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    from sdtl.errors import UserError
+    from sdtl.errors import ConfigError
 
     if requested == "cpu":
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device=cuda: no CUDA device is visible; use run.device=cpu or auto")
+        raise ConfigError("run.device", "'cuda' asked for, but no CUDA device is visible", "set run.device=cpu or auto")
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

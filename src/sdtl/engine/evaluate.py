@@ -27,7 +27,7 @@ from sdtl.engine import distributed as dist_utils
 from sdtl.engine.build import build_datasets
 from sdtl.engine.distributed import DistInfo, all_gather_objects
 from sdtl.engine.runtime import amp_dtype, configure_determinism, progress
-from sdtl.errors import UserError
+from sdtl.errors import ConfigError, UserError
 
 log = logging.getLogger("sdtl.evaluate")
 
@@ -289,14 +289,14 @@ def _refuse_existing_results(out_dir: Path) -> None:
     # evaluate writes these two names; never over a file it did not write in this call.
     taken = [name for name in ("results.json", "confusion.png") if (out_dir / name).exists()]
     if taken:
-        raise UserError(f"--out {out_dir}: already holds {' and '.join(taken)}; choose another --out directory")
+        raise UserError(f"{out_dir}: already holds {' and '.join(taken)}; choose another output folder")
 
 
 def checkpoint_config(payload: dict, overrides: list[str] | None = None):
-    """The config stored in a fine-tune checkpoint, with ``--set`` overrides applied and validated."""
+    """The config stored in a fine-tune checkpoint, with ``overrides`` (``key=value``) applied and validated."""
     base = payload.get("config") or {}
     merged = cfgmod._merge(base, cfgmod.parse_overrides(overrides))
-    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # --set paths as typed here
+    cfg = cfgmod.absolute_paths(cfgmod.config_from_dict(merged, "finetune"))  # override paths as typed here
     cfgmod.validate_ranges(cfg)
     return cfg
 
@@ -304,8 +304,8 @@ def checkpoint_config(payload: dict, overrides: list[str] | None = None):
 def check_checkpoint_data(what: str, payload: dict, cfg, classes, info) -> None:
     """Refuse a dataset whose classes differ from the checkpoint's; warn about a different decoder."""
     if list(classes) != list(payload.get("class_names", classes)):
-        raise UserError(f"{what}: its classes differ from the test list of {cfg.data.root}; evaluate on "
-                        f"the dataset it was trained on")
+        raise ConfigError("data.root", f"the classes of the test list of {cfg.data.root} differ from those of {what}",
+                          "evaluate on the dataset it was trained on")
     trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
     if trained_with and trained_with != evaluating_with and info.is_main:
         log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
@@ -324,7 +324,7 @@ def _evaluate_checkpoint(checkpoint, out_dir: Path, overrides, allow_unsafe_pick
     try:
         configure_determinism(cfg.run.deterministic, cfg.run.threads)
         _, _, test_ds, classes = build_datasets(cfg, need_train=False)
-        check_checkpoint_data(f"--checkpoint {checkpoint}", payload, cfg, classes, info)
+        check_checkpoint_data(f"the checkpoint {checkpoint}", payload, cfg, classes, info)
         model.to(info.device)
         eval_bs = cfg.eval.batch_size or cfg.data.batch_size
         loader = make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from sdtl.errors import UserError
+from sdtl.errors import ConfigError
 
 
 def stage_of(param_name: str) -> int:
@@ -24,9 +24,9 @@ def stage_of(param_name: str) -> int:
         return 0
     m = re.fullmatch(r"layer(\d)", top) or re.fullmatch(r"(?:conv|bn)(\d)[a-z]?", top)
     if m is None:
-        raise UserError(f"config key optim.layer_decay: cannot tell which stage encoder parameter {param_name!r} "
-                        f"belongs to; layer-wise decay supports sdtl's C3D / R(2+1)D and torchvision's VideoResNet "
-                        f"encoders; set optim.layer_decay=1")
+        raise ConfigError("optim.layer_decay", f"cannot tell which stage encoder parameter {param_name!r} belongs "
+                          f"to; layer-wise decay supports sdtl's C3D / R(2+1)D and torchvision's VideoResNet "
+                          f"encoders", "set optim.layer_decay=1")
     number = int(m.group(1))
     return number if top.startswith("layer") else number - 1
 
@@ -120,8 +120,8 @@ def build_fast_optimizer(cfg, encoder, head, device, weight_decay: float | None 
                                               "the foreach step", cfg.optim.name, torch.__version__, device,
                                               str(exc).splitlines()[0])
             return build_optimizer(cfg.optim, encoder, head, weight_decay=weight_decay, fused=False)
-        raise UserError(f"config key optim.fused: this torch ({torch.__version__}) cannot run a fused "
-                        f"{cfg.optim.name} step on {device} ({str(exc).splitlines()[0]}); set --set optim.fused=off") from None
+        raise ConfigError("optim.fused", f"this torch ({torch.__version__}) cannot run a fused {cfg.optim.name} "
+                          f"step on {device} ({(str(exc).splitlines() or [''])[0]})", "set optim.fused=off") from exc
 
 
 def restore_scaler(scaler, saved: dict | None, logger) -> None:

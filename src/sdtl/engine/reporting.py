@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sdtl.atomic import atomic_savefig, atomic_write_text
+from sdtl.regularizers.registry import metric_parts
 
 
 class RunLog:
@@ -65,8 +67,25 @@ class RunLog:
             self.writer.close()
 
 
-# metrics.jsonl keys of the regularizers' penalties (train_<Regularizer.part>)
-REG_PARTS = ("train_sd", "train_fixed_teacher", "train_ema_sd", "train_l2sp", "train_delta", "train_bss")
+class _RegParts(Sequence):
+    """metrics.jsonl keys of the registered regularizers' penalties (``train_<part>``), read from
+    :func:`sdtl.regularizers.registry.metric_parts` at every use (a regularizer registered later is
+    included)."""
+
+    def __getitem__(self, index):
+        return metric_parts()[index]
+
+    def __len__(self) -> int:
+        return len(metric_parts())
+
+    def __iter__(self):
+        return iter(metric_parts())
+
+    def __repr__(self) -> str:
+        return repr(metric_parts())
+
+
+REG_PARTS = _RegParts()
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -79,7 +98,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     panels = [
-        ("training loss", ["train_loss", "train_ce", *REG_PARTS]),
+        ("training loss", ["train_loss", "train_ce", *metric_parts()]),
         ("pretext accuracy (%)", ["train_acc"]),  # pre-training runs
         ("validation accuracy (%)", ["val_video_acc1", "val_clip_acc1"]),
         ("forgetting (relative drift)", ["feat_drift", "epoch_drift", "param_drift"]),

@@ -49,17 +49,19 @@ def resolve_resume(out_dir: Path, resume: str | None, is_main: bool = True) -> P
 
 
 def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[Path | None, dict | None]:
-    """Checks shared by every run before any work: determinism, AMP, and which checkpoint to resume."""
+    """Checks shared by every run before any work: determinism, AMP, and which checkpoint to resume
+    (returned in today's layout, whatever version wrote it: :func:`sdtl.engine.state.read_checkpoint`)."""
+    from sdtl.engine.state import read_checkpoint
     from sdtl.models.checkpoints import safe_load
 
     configure_determinism(cfg.run.deterministic, cfg.run.threads, cfg.run.cudnn_benchmark)
     amp_dtype(cfg.optim.amp, info.device)  # fail early: bf16 on a card without it
     resume_path = resolve_resume(out_dir, resume, info.is_main)
-    state = safe_load(resume_path) if resume_path else None
-    if state is not None and state.get("sdtl_format") != kind:
+    payload = safe_load(resume_path) if resume_path else None
+    if payload is not None and payload.get("sdtl_format") != kind:
         raise UserError(f"--resume {resume_path}: not an sdtl {kind} checkpoint (format "
-                        f"{state.get('sdtl_format')!r}); pass checkpoints/last.pt of a {kind} run")
-    return resume_path, state
+                        f"{payload.get('sdtl_format')!r}); pass checkpoints/last.pt of a {kind} run")
+    return resume_path, (None if payload is None else read_checkpoint(payload)[1])
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

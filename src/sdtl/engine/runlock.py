@@ -1,7 +1,7 @@
 """One writer per run directory.
 
-Two ``sdtl finetune --out R --resume auto`` started side by side both trained R and wrote every epoch
-of ``metrics.jsonl`` twice. Every command that writes a run directory (``finetune``, ``pretrain``,
+Two ``sdtl finetune`` processes resuming the same run folder R side by side both trained R and wrote
+every epoch of ``metrics.jsonl`` twice. Every command that writes a run directory (``finetune``, ``pretrain``,
 ``evaluate``, ``demo``) holds :class:`RunLock` on it: an exclusive ``flock`` on ``R/.sdtl.lock``.
 The kernel releases the lock when the process ends however it ends (kill -9 included), so a stale
 lock file never blocks anything; the PID and command written into it only say who holds it.
@@ -63,13 +63,13 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise UserError(f"--out {self.path.parent}: in use by another sdtl process "
+                raise UserError(f"{self.path.parent}: in use by another sdtl process "
                                 f"(PID {holder.get('pid', '?')} on {holder.get('host', '?')}, "
                                 f"`sdtl {holder.get('what', '?')}`); wait for it to finish or stop it, "
-                                f"or choose another --out") from None
+                                f"or choose another output folder") from exc
             # A holder that gave up on bad input removes its lock file with its empty folder; a lock
             # taken on that removed file would not exclude anyone, so take the file now in place.
             try:

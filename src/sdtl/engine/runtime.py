@@ -12,7 +12,33 @@ import torch
 from torch import nn
 
 from sdtl.engine.optim import use_fused
-from sdtl.errors import RunFailed, UserError
+from sdtl.errors import ConfigError, RunFailed
+
+
+class ResumableSampler:
+    """:class:`~sdtl.data.datasets.EpochSampler` that can start an epoch part-way: :meth:`skip` drops the
+    first ``n`` indices of the next pass (a run resumed inside an epoch continues its sample order)."""
+
+    def __init__(self, sampler) -> None:
+        from sdtl.data.datasets import EpochSampler
+
+        self.inner = EpochSampler(sampler)
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def skip(self, n: int) -> None:
+        self._skip = int(n)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for i, item in enumerate(self.inner):
+            if i >= skip:
+                yield item
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def make_train_loader(dataset, data_cfg, info, seed: int):
@@ -20,13 +46,13 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
 
     Workers persist across epochs (no re-fork and re-import every epoch) and prefetch
     ``data.prefetch_factor`` batches each; the sampler hands them ``(epoch, index)`` pairs, so each
-    epoch still draws its own clips and crops. Batches land in pinned memory on CUDA, for
-    ``non_blocking`` copies.
+    epoch still draws its own clips and crops, and it can start an epoch part-way (resume). Batches
+    land in pinned memory on CUDA, for ``non_blocking`` copies.
     """
-    from sdtl.data.datasets import EpochSampler, collate_clips
+    from sdtl.data.datasets import collate_clips
 
-    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
-                                                               rank=info.rank, shuffle=True, seed=seed))
+    sampler = ResumableSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
+                                                                   rank=info.rank, shuffle=True, seed=seed))
     workers = data_cfg.workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
                                          num_workers=workers, collate_fn=collate_clips,
@@ -34,8 +60,8 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
                                          persistent_workers=workers > 0,
                                          prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None)
     if len(loader) == 0:
-        raise UserError(f"config key data.batch_size: {data_cfg.batch_size} x {info.world_size} process(es) is "
-                        f"larger than the {len(dataset)} training videos; lower data.batch_size")
+        raise ConfigError("data.batch_size", f"{data_cfg.batch_size} x {info.world_size} process(es) is larger "
+                          f"than the {len(dataset)} training videos", "lower data.batch_size")
     return sampler, loader
 
 
@@ -96,8 +122,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if amp == "auto":
             return torch.bfloat16 if bf16_ok else torch.float16
         if amp == "bf16" and not bf16_ok:
-            raise UserError(f"config key optim.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-                            f"set --set optim.amp=fp16 (with loss scaling) or optim.amp=auto")
+            raise ConfigError("optim.amp", f"bf16 is not supported by {torch.cuda.get_device_name(device)}",
+                              "set optim.amp=fp16 (with loss scaling) or optim.amp=auto")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -137,22 +163,71 @@ def runtime_settings(cfg, device: torch.device, optimizer=None) -> dict:
 
 
 def maybe_compile(module: nn.Module, run_cfg, logger) -> nn.Module:
-    """``run.compile``: wrap ``module`` in ``torch.compile``; a failure names the option instead of a trace."""
+    """``run.compile``: wrap ``module`` in ``torch.compile``; a compilation failure names the option
+    (:class:`~sdtl.errors.ConfigError` with the compiler's exception as its cause)."""
     if not run_cfg.compile:
         return module
     try:
         compiled = torch.compile(module, backend=run_cfg.compile_backend)
     except Exception as exc:  # an unknown backend fails here
-        raise UserError(f"config key run.compile: torch.compile(backend={run_cfg.compile_backend!r}) failed "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        f"set --set run.compile=false") from None
+        raise ConfigError("run.compile_backend", f"torch.compile(backend={run_cfg.compile_backend!r}) failed "
+                          f"({_first_line(exc)})", "set run.compile=false or another run.compile_backend") from exc
     logger.info("run.compile: the model is compiled with backend %r on its first batches "
                 "(the first step of each new input shape takes longer)", run_cfg.compile_backend)
     return _FirstCallGuard(compiled, run_cfg.compile_backend)
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = (str(exc).splitlines() or [""])[0][:limit]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _compile_error_types() -> tuple[type, ...]:
+    """The exceptions of torch's compiler stack (dynamo tracing, the backend, inductor's code
+    generation and C++/Triton compilers), as this torch names them."""
+    import importlib
+
+    names = {"torch._dynamo.exc": ("TorchDynamoException", "TritonUnavailableError"),
+             "torch._inductor.exc": ("InductorError", "CppCompileError", "CppWrapperCodegenError",
+                                     "InvalidCxxCompiler", "OperatorIssue", "SubgraphLoweringException")}
+    found = []
+    for module, attrs in names.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), type)]
+    return tuple(found)
+
+
+def _not_compile_error_types() -> tuple[type, ...]:
+    """Dynamo exceptions that report the model's own failure while it was traced, not the
+    compiler's: an op that fails on fake tensors (a shape mismatch: ``TorchRuntimeError``) or an
+    exception the model raised (``ObservedException``)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    return tuple(t for t in (getattr(dynamo_exc, "TorchRuntimeError", None),
+                             getattr(dynamo_exc, "ObservedException", None)) if isinstance(t, type))
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by the first call of a compiled module, is the compiler failing, not
+    the model: a CUDA out-of-memory, a shape error or a data error is what it is, compiled or not."""
+    if not isinstance(exc, _compile_error_types()) or isinstance(exc, _not_compile_error_types()):
+        return False
+    seen, cause = set(), exc  # an out-of-memory inside the backend (autotuning) is still out of memory
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, torch.OutOfMemoryError):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None) or cause.__context__
+    return True
+
+
 class _FirstCallGuard(nn.Module):
-    """Turns an exception from compilation (which happens on the first call) into a UserError."""
+    """Turns a compilation failure (compilation happens on the first call) into a
+    :class:`~sdtl.errors.ConfigError` for ``run.compile``; any other exception of that call (out of
+    memory, a shape error, bad data) propagates unchanged."""
 
     def __init__(self, compiled: nn.Module, backend: str) -> None:
         super().__init__()
@@ -166,9 +241,12 @@ class _FirstCallGuard(nn.Module):
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as exc:
-            raise UserError(f"config key run.compile: compiling the model failed with backend {self.backend!r} "
-                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}); set "
-                            f"--set run.compile=false") from None
+            if not is_compile_failure(exc):
+                raise
+            inner = getattr(exc, "inner_exception", None)  # BackendCompilerFailed: what the backend raised
+            detail = f"{type(exc).__name__}: {_first_line(inner)}" if inner is not None else _first_line(exc)
+            raise ConfigError("run.compile", f"compiling the model failed with backend {self.backend!r} "
+                              f"({detail})", "set run.compile=false") from exc
         self.checked = True
         return out
 
@@ -224,7 +302,11 @@ class EpochMeter:
         return out
 
 
-def progress(total: int, desc: str, enabled: bool):
+def progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A progress bar on a terminal; none when stderr is redirected (a log gets the epoch lines instead)."""
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+    enabled = enabled and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True, initial=initial)

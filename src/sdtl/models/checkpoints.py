@@ -1,6 +1,6 @@
 """Checkpoint files: safe loading, format detection, strict backbone loading, atomic saving.
 
-Who calls it: the engine (``--pretrained`` initialisation, resume, evaluate), ``sdtl inspect``, and
+Who calls it: the engine (``model.pretrained`` initialisation, resume, evaluate), ``sdtl inspect``, and
 anyone who wants RSPNet's or torchvision's weights in a plain PyTorch loop.
 
 Three rules hold everywhere in this module:
@@ -8,7 +8,7 @@ Three rules hold everywhere in this module:
 1. **No arbitrary unpickling by default.** Every ``.pt``/``.pth``/``.pth.tar`` file is read with
    ``torch.load(weights_only=True, map_location="cpu")``; ``.safetensors`` with safetensors. A file
    that needs full unpickling (it references Python classes or functions) is refused with a
-   :class:`~sdtl.errors.UserError`; ``allow_unsafe_pickle=True`` (CLI ``--allow-unsafe-pickle``)
+   :class:`~sdtl.errors.CheckpointError`; ``allow_unsafe_pickle=True`` (CLI ``--allow-unsafe-pickle``)
    loads it anyway, with an :class:`UnsafePickleWarning`. Nothing falls back silently.
 2. **Backbone keys load strictly.** After the format's wrapping is removed (RSPNet's
    ``encoder_q.encoder.`` prefix, ``state_dict``/``model`` nesting, DDP's ``module.``), the keys must
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from sdtl.atomic import atomic_write
-from sdtl.errors import UserError
+from sdtl.errors import CheckpointError, UserError
 from sdtl.models.classifier import ARCHS, VideoClassifier, arch_option_names, build_encoder, build_model
 
 FORMATS = ("rspnet", "sdtl-finetune", "sdtl-pretrain", "torchvision", "state_dict", "unknown")
@@ -103,8 +103,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(
-            f"{path}: not a readable safetensors file ({exc}); the file may be truncated or corrupted"
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); the file may be truncated or corrupted",
+            path=path,
         ) from exc
 
 
@@ -137,15 +138,16 @@ def _needs_full_unpickling(path: Path, exc: Exception) -> str | None:
     return None
 
 
-def _unreadable(path: Path, exc: BaseException) -> UserError:
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
     if path.stat().st_size == 0:
-        return UserError(f"{path}: empty file, not a checkpoint; re-download or re-save it")
+        return CheckpointError(f"{path}: empty file, not a checkpoint; re-download or re-save it", path=path)
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if len(reason) > 160:
         reason = reason[:157] + "..."
-    return UserError(
+    return CheckpointError(
         f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); "
-        "the file is truncated, corrupted or not a checkpoint at all - re-download or re-save it"
+        "the file is truncated, corrupted or not a checkpoint at all - re-download or re-save it",
+        path=path,
     )
 
 
@@ -154,15 +156,16 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
 
     ``.safetensors`` files (also recognised by content) are read with safetensors; everything else
     with ``torch.load(weights_only=True, map_location="cpu")``. A file that needs full unpickling
-    raises :class:`UserError` unless ``allow_unsafe_pickle`` is true, in which case it is loaded with
-    ``weights_only=False`` and an :class:`UnsafePickleWarning` is emitted. Missing, empty,
-    truncated or non-checkpoint files raise :class:`UserError` naming the path.
+    raises :class:`~sdtl.errors.CheckpointError` unless ``allow_unsafe_pickle`` is true, in which case
+    it is loaded with ``weights_only=False`` and an :class:`UnsafePickleWarning` is emitted. Missing, empty,
+    truncated or non-checkpoint files raise :class:`~sdtl.errors.CheckpointError` naming the path.
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such checkpoint file; check the path")
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path", path=path)
     if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a checkpoint file; name the file inside it")
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file; name the file inside it",
+                              path=path)
     if _is_safetensors(path):
         return _load_safetensors(path)
     try:
@@ -172,16 +175,17 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
         if why is None:
             raise _unreadable(path, exc) from exc
         if not allow_unsafe_pickle:
-            raise UserError(
+            raise CheckpointError(
                 f"{path}: refused to load: {why}, so reading it needs full unpickling, which can run "
                 "arbitrary code (sdtl loads checkpoints with torch.load(weights_only=True) only); if you "
-                "trust where this file came from, allow it: `--allow-unsafe-pickle` for sdtl inspect/export/evaluate, "
-                "`--set model.allow_unsafe_pickle=true` for sdtl finetune/pretrain (Python: "
-                "allow_unsafe_pickle=True); or re-save its tensors as a plain state dict or .safetensors"
+                "trust where this file came from, allow it: allow_unsafe_pickle=True (config key "
+                "model.allow_unsafe_pickle=true for sdtl finetune/pretrain, `--allow-unsafe-pickle` of sdtl "
+                "inspect/export/evaluate); or re-save its tensors as a plain state dict or .safetensors",
+                path=path,
             ) from exc
         warnings.warn(
-            f"{path}: loading with FULL UNPICKLING (weights_only=False) because --allow-unsafe-pickle "
-            f"was given ({why}); this runs any code the file contains - only do this for trusted files",
+            f"{path}: loading with FULL UNPICKLING (weights_only=False) because allow_unsafe_pickle is set "
+            f"({why}); this runs any code the file contains - only do this for trusted files",
             UnsafePickleWarning,
             stacklevel=2,
         )
@@ -294,7 +298,8 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
     if fmt == "sdtl-finetune":
         model = obj.get("model")
         if not isinstance(model, Mapping):
-            raise UserError(f"{source}: sdtl fine-tune checkpoint without a 'model' state dict; re-save it")
+            raise CheckpointError(f"{source}: sdtl fine-tune checkpoint without a 'model' state dict; re-save it",
+                                  path=source)
         state = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
         _count_ignored([k for k in model if not k.startswith("encoder.")], ignored, lambda k: k.split(".")[0] + ".*")
         arch_name = obj.get("arch")
@@ -302,7 +307,8 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
     if fmt == "sdtl-pretrain":
         encoder = obj.get("encoder")
         if not isinstance(encoder, Mapping):
-            raise UserError(f"{source}: sdtl pre-train checkpoint without an 'encoder' state dict; re-save it")
+            raise CheckpointError(f"{source}: sdtl pre-train checkpoint without an 'encoder' state dict; "
+                                  f"re-save it", path=source)
         if obj.get("head") is not None:
             ignored["head (pre-training task head)"] = len(obj["head"]) if isinstance(obj["head"], Mapping) else 1
         arch_name = obj.get("arch")
@@ -311,9 +317,10 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
     if state is None:
         kind = type(obj).__name__
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else ""
-        raise UserError(
+        raise CheckpointError(
             f"{source}: no weights found (a {kind}{' with keys ' + keys if keys else ''}); expected an "
-            "RSPNet, torchvision, sdtl or plain state-dict checkpoint"
+            "RSPNet, torchvision, sdtl or plain state-dict checkpoint",
+            path=source,
         )
     if state and all(k.startswith(("encoder.", "head.")) for k in state) and any(k.startswith("encoder.") for k in state):
         # A bare VideoClassifier state dict: its encoder part is the backbone, its head is not.
@@ -384,7 +391,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def _check_fit(state: dict[str, Any], module: nn.Module, *, source: str, fmt: str, what: str, hint: str = "") -> list[str]:
-    """Raise UserError unless ``state`` fits ``module`` exactly; return the tolerated missing BN counters."""
+    """Raise CheckpointError unless ``state`` fits ``module`` exactly; return the tolerated missing BN counters."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     filled = [k for k in missing if k.endswith("num_batches_tracked")]
@@ -406,13 +413,12 @@ def _check_fit(state: dict[str, Any], module: nn.Module, *, source: str, fmt: st
             parts.append(f"{len(mismatched)} shape-mismatched key(s): {_listing(shown)}")
         guess = guess_arch(state)
         if guess is not None:
-            sets = " ".join([f"--set model.arch={guess[0]}"] +
-                            [f"--set model.{k}={v}" for k, v in sorted(guess[1].items())])
-            parts.append(f"the weights look like arch {_format_arch(*guess)}: use it with `{sets}` "
-                         f"(finetune/pretrain) or `--arch {guess[0]}` (inspect/export)")
+            keys = " ".join([f"model.arch={guess[0]}"] + [f"model.{k}={v}" for k, v in sorted(guess[1].items())])
+            parts.append(f"the weights look like arch {_format_arch(*guess)}: use it with `{keys}` "
+                         f"(config keys of finetune/pretrain) or `--arch {guess[0]}` (sdtl inspect/export)")
         if hint:
             parts.append(hint)
-        raise UserError("; ".join(parts))
+        raise CheckpointError("; ".join(parts), path=source)
     return filled
 
 
@@ -436,7 +442,7 @@ def load_encoder_weights(
     ``path_or_obj`` is a file (read with :func:`safe_load`) or an already-loaded checkpoint.
     ``arch`` is the encoder's arch name (default: the ``sdtl_arch`` that ``build_encoder`` recorded),
     used in messages and to drop the right source classifier. Any missing, unexpected or
-    shape-mismatched key raises :class:`UserError`; ``encoder`` is unchanged in that case.
+    shape-mismatched key raises :class:`~sdtl.errors.CheckpointError`; ``encoder`` is unchanged in that case.
     Pass ``model.encoder`` for a :class:`VideoClassifier`: the head is never touched.
     """
     if isinstance(encoder, VideoClassifier):
@@ -456,9 +462,10 @@ def _load_encoder(encoder: nn.Module, obj: Any, arch: str | None, source: str) -
         recorded = _format_arch(extraction.recorded_arch, extraction.recorded_options or {})
         hint = f"the checkpoint records arch {recorded}"
         if arch and extraction.recorded_arch != arch:
-            raise UserError(
+            raise CheckpointError(
                 f"{source}: is an {extraction.format} checkpoint of arch {recorded}, but the model is arch "
-                f"{_format_arch(arch, options)}; use the same arch (and options) it was trained with"
+                f"{_format_arch(arch, options)}; use the same arch (and options) it was trained with",
+                path=source,
             )
     filled = _check_fit(extraction.state, encoder, source=source, fmt=extraction.format, what=what, hint=hint)
     state = dict(extraction.state)
@@ -606,13 +613,15 @@ def build_model_from_checkpoint(
     payload = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     fmt = detect_format(payload)
     if fmt != "sdtl-finetune":
-        raise UserError(
+        raise CheckpointError(
             f"{path}: is a {fmt} checkpoint, not an sdtl fine-tune checkpoint (the output of `sdtl finetune`); "
-            "to start from pre-trained weights use it as the model's pretrained checkpoint instead"
+            "to start from pre-trained weights use it as the model's pretrained checkpoint instead",
+            path=path,
         )
     for key in ("arch", "num_classes", "model"):
         if key not in payload:
-            raise UserError(f"{path}: sdtl fine-tune checkpoint lacks '{key}'; it is incomplete - re-save it")
+            raise CheckpointError(f"{path}: sdtl fine-tune checkpoint lacks '{key}'; it is incomplete - re-save it",
+                                  path=path)
     options = dict(payload.get("arch_options") or {})  # encoder options, plus dropout when the engine records it
     model = build_model(payload["arch"], int(payload["num_classes"]), **options)
     state = dict(payload["model"])

@@ -1,51 +1,52 @@
-"""Unlabelled videos as pretext samples: each item is a clip and the target its task drew."""
+"""Unlabelled videos as pretext samples: each item is a clip and the target its task drew.
+
+There is no pretext dataset class: a pretext dataset is the one :class:`sdtl.data.datasets.ClipDataset`
+composed with a :class:`PretextSampler`, the clip sampler that lets the task draw the clip and its
+target (unlabelled pools need no labels). :func:`PretextClipDataset` builds it with the pre-training
+call signature.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from sdtl.data.datasets import ClipDataset
+from sdtl.data.sampling import ClipDraw, ClipSampler
+from sdtl.data.transforms import train_transform
 
-class PretextClipDataset(torch.utils.data.Dataset):
-    """Unlabelled videos -> (augmented clip, pretext target). Undecodable videos are replaced."""
 
-    def __init__(self, paths: list[Path], task, size: int, backend: str, seed: int,
-                 crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
-        self.paths = paths
+class PretextSampler(ClipSampler):
+    """The clip sampler of a single-clip pretext task.
+
+    ``task.sample(num_frames, generator) -> (frame indices, target)`` draws the clip and its target
+    (:class:`~sdtl.pretext.speed.SpeedPrediction`: the stride class, then the window); the clip then gets
+    the training augmentation (random resized crop of ``crop_area`` of the frame + flip) at ``size``.
+    """
+
+    supplies_target = True
+
+    def __init__(self, task, size: int, crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
         self.task = task
         self.size = size
         self.crop_area = crop_area
-        self.backend = backend
-        self.seed = seed
-        self.epoch = 0
-        self.probe_cache = None  # the run's ProbeCache (video_index.jsonl): each video probed once per run
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def draw(self, num_frames: int, generator: torch.Generator) -> ClipDraw:
+        indices, target = self.task.sample(num_frames, generator)
+        return ClipDraw((indices,), target)
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
+        return {"video": train_transform(clips[0], self.size, generator=generator, scale=self.crop_area),
+                "clip_index": 0}
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        from sdtl.data.datasets import sample_generator
-        from sdtl.data.transforms import train_transform
-        from sdtl.data.video_io import VideoDecodeError, open_video
 
-        epoch = self.epoch
-        if isinstance(index, tuple):  # (epoch, index) from EpochSampler (persistent workers)
-            epoch, index = index
-        g = sample_generator(self.seed, epoch, index)
-        failed = []
-        for _attempt in range(10):
-            path = self.paths[index]
-            try:
-                with open_video(path, self.backend, self.probe_cache) as reader:
-                    indices, target = self.task.sample(reader.num_frames, g)
-                    frames = reader.get_frames(indices)
-                video = train_transform(frames, self.size, generator=g, scale=self.crop_area)
-                return {"video": video, "label": target, "video_index": index, "clip_index": 0, "failed": failed}
-            except VideoDecodeError as exc:
-                failed.append((str(path), str(exc)))
-                index = int(torch.randint(len(self.paths), (1,), generator=g))
-        raise VideoDecodeError(self.paths[index], "10 videos in a row failed to decode; check the dataset "
-                                                  "with `sdtl data check --decode`")
+def PretextClipDataset(paths: list[Path], task, size: int, backend: str, seed: int,
+                       crop_area: tuple[float, float] = (0.25, 1.0), probe_index=None) -> ClipDataset:
+    """Unlabelled videos -> (augmented clip, pretext target) items; undecodable videos are replaced.
+
+    ``ClipDataset(paths, PretextSampler(task, size, crop_area), backend=backend, seed=seed)``: items
+    ``{"video": float[3, T, S, S], "label": target, "video_index", "clip_index": 0, "failed"}``,
+    indexable by ``i`` or ``(epoch, i)``, with ``set_epoch`` and ``probe_cache`` as every ClipDataset.
+    """
+    return ClipDataset(paths, PretextSampler(task, size, crop_area), backend=backend, seed=seed,
+                       probe_index=probe_index)

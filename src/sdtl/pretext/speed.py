@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdtl.errors import UserError
+from sdtl.data.sampling import sample_train_clip
+from sdtl.errors import ConfigError
 
 
 class SpeedPrediction:
@@ -18,14 +19,13 @@ class SpeedPrediction:
 
     def __init__(self, strides: list[int], clip_len: int) -> None:
         if not strides or any(s < 1 for s in strides) or len(set(strides)) != len(strides):
-            raise UserError(f"config key task.strides: {strides} must be distinct integers >= 1, e.g. [1, 2, 4, 8]")
+            raise ConfigError("task.strides", f"{strides} must be distinct integers >= 1", "e.g. [1, 2, 4, 8]")
         self.strides = list(strides)
         self.clip_len = clip_len
         self.num_outputs = len(strides)
 
     def sample(self, num_frames: int, generator: torch.Generator) -> tuple[list[int], int]:
-        from sdtl.data.sampling import sample_train_clip
-
+        """Draw the stride class (the target), then a window with that stride: ``(frame indices, target)``."""
         target = int(torch.randint(len(self.strides), (1,), generator=generator))
         indices = sample_train_clip(num_frames, self.clip_len, self.strides[target], generator)
         return indices, target

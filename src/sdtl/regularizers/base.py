@@ -19,11 +19,19 @@ two, as :mod:`sdtl.engine.finetune` does: ``ctx = reg.prepare(clips)`` *before* 
 
 State a resumed run needs (a fixed reference, an averaged teacher, attention weights) comes from
 :meth:`checkpoint_state` and goes back with :meth:`load_checkpoint_state`; at an epoch boundary the
-epoch-snapshot teacher of plain SD needs none (it *is* the model).
+epoch-snapshot teacher of plain SD needs none (it *is* the model), but a checkpoint written in the
+middle of an epoch (``checkpoint_state(mid_epoch=True)``) holds it and its step counter. A loop that
+resumes mid-epoch does not call :meth:`epoch_start` for the resumed epoch (``resumed_mid_epoch``
+says a loaded state was such a one).
+
+The registry (:mod:`sdtl.regularizers.registry`) builds a regularizer from a config with
+:meth:`Regularizer.from_options`; the keyword constructors validate through the same options
+dataclass (:mod:`sdtl.regularizers.options`), so every check is written once.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -37,15 +45,32 @@ class Regularizer(nn.Module):
     #: True when the penalty already contains an L2 on the new weights and the optimizer's weight
     #: decay (which pulls towards 0, against the pre-trained point) must be off (L2-SP, DELTA)
     replaces_weight_decay: bool = False
+    #: what ``weight`` is called in the method's paper (named in errors)
+    weight_symbol: str = "weight"
+    #: training clips :meth:`start` wants once, before the first step of a fresh run (0: none)
+    start_clips: int = 0
+    #: True after :meth:`load_checkpoint_state` restored a mid-epoch state, until the next :meth:`epoch_start`
+    resumed_mid_epoch: bool = False
 
     def __init__(self, weight: float) -> None:
         super().__init__()
         if not (weight >= 0):  # also rejects NaN
-            raise ValueError(f"{type(self).__name__} weight must be >= 0, got {weight}")
+            raise ValueError(f"{type(self).__name__} weight ({self.weight_symbol}) must be >= 0, got {weight}")
         self.weight = float(weight)
 
+    @classmethod
+    def from_options(cls, encoder: nn.Module, head: nn.Module | None, weight: float, options) -> Regularizer:
+        """Build from a config: ``weight`` and the method's (already validated) options dataclass.
+
+        Default: the options' fields are the constructor's keyword arguments; classes whose
+        constructor differs (needs the head, renames a key) override this.
+        """
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.init}
+        return cls(encoder, weight=weight, **fields)
+
     def epoch_start(self) -> None:
-        """Called before the first batch of every epoch."""
+        """Called before the first batch of every epoch (not for an epoch resumed mid-way)."""
+        self.resumed_mid_epoch = False
 
     def step_end(self) -> None:
         """Called after every optimizer step."""
@@ -60,8 +85,18 @@ class Regularizer(nn.Module):
     def forward(self, clips: torch.Tensor, student_features: torch.Tensor) -> torch.Tensor:
         return self.loss(self.prepare(clips), student_features)
 
-    def checkpoint_state(self) -> dict | None:
-        """Tensors a resumed run needs to continue bit-exactly (None: nothing)."""
+    def start(self, clips: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int,
+              seed: int) -> str | None:
+        """One-off set-up of a fresh run from ``start_clips`` training clips (not called on resume, where
+        :meth:`load_checkpoint_state` restores its result); returns a line for the log."""
+        return None
+
+    def checkpoint_state(self, mid_epoch: bool = False) -> dict | None:
+        """Tensors a resumed run needs to continue bit-exactly (None: nothing).
+
+        ``mid_epoch``: the checkpoint is written after some optimizer step inside an epoch, and the
+        run resumes without calling :meth:`epoch_start` for that epoch.
+        """
         return None
 
     def load_checkpoint_state(self, state: dict | None) -> None:

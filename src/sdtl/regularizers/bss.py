@@ -22,17 +22,18 @@ import torch
 from torch import nn
 
 from sdtl.regularizers.base import Regularizer
+from sdtl.regularizers.options.bss import BSSOptions
 
 
 class BSS(Regularizer):
     """``η · Σ`` of the ``k`` smallest squared singular values of the batch's feature matrix."""
 
     part = "bss"
+    weight_symbol = "eta"
 
     def __init__(self, encoder: nn.Module | None = None, weight: float = 0.001, k: int = 1) -> None:
         super().__init__(weight)
-        if int(k) < 1:
-            raise ValueError(f"BSS k must be >= 1, got {k}")
+        BSSOptions(k=k)  # the checks
         self.k = int(k)
 
     def loss(self, ctx, student_features: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtl.regularizers.base import Regularizer, frozen_copy, load_state_into, state_of
+from sdtl.regularizers.options.delta import DELTAOptions
 
 
 def default_layers(encoder: nn.Module) -> list[str]:
@@ -76,15 +77,18 @@ class DELTA(Regularizer):
 
     part = "delta"
     replaces_weight_decay = True
+    weight_symbol = "alpha"
 
     def __init__(self, encoder: nn.Module, head: nn.Module | None, weight: float = 0.01, head_weight: float = 0.01,
-                 layers: list[str] | None = None, teacher_bn: str = "batch") -> None:
+                 layers: list[str] | None = None, teacher_bn: str = "batch", attention: str = "channel",
+                 attention_samples: int = 128) -> None:
+        """``attention``/``attention_samples``: what :meth:`start` computes for a fresh run (the
+        engine calls it); until then, or with ``attention="none"``, every channel weighs the same."""
         super().__init__(weight)
-        if not (head_weight >= 0):
-            raise ValueError(f"DELTA head_weight (beta) must be >= 0, got {head_weight}")
-        if teacher_bn not in ("eval", "batch"):
-            raise ValueError(f"DELTA teacher_bn must be 'eval' or 'batch', got {teacher_bn!r}")
+        DELTAOptions(head_weight=head_weight, layers=list(layers or []), attention=attention,
+                     attention_samples=attention_samples, teacher_bn=teacher_bn)  # the checks
         self.head_weight = float(head_weight)
+        self.start_clips = int(attention_samples) if attention == "channel" else 0
         self.teacher_bn = teacher_bn
         self.layers = list(layers) if layers else default_layers(encoder)
         modules = dict(encoder.named_modules())
@@ -104,6 +108,18 @@ class DELTA(Regularizer):
             teacher_modules[name].register_forward_hook(self._hook(name, self._teacher_maps, teacher_modules[name]))
         # attention weights, one [C_j] vector per layer; uniform (1/C_j) until computed
         self.attention: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_options(cls, encoder: nn.Module, head: nn.Module | None, weight: float, options: DELTAOptions) -> DELTA:
+        return cls(encoder, head, weight=weight, head_weight=options.head_weight, layers=options.layers or None,
+                   teacher_bn=options.teacher_bn, attention=options.attention,
+                   attention_samples=options.attention_samples)
+
+    def start(self, clips: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int,
+              seed: int) -> str | None:
+        """A fresh run's channel attention (``attention="channel"``), from ``start_clips`` training clips."""
+        self.compute_attention(clips, labels, num_classes, batch_size=batch_size, seed=seed)
+        return f"DELTA channel attention from {len(clips)} clips over {self.layers}"
 
     def _hook(self, name: str, store: dict, owner: nn.Module):
         owner_ref = weakref.ref(owner)
@@ -192,7 +208,7 @@ class DELTA(Regularizer):
         return weights
 
     # --------------------------------------------------------------------------- checkpoints
-    def checkpoint_state(self) -> dict | None:
+    def checkpoint_state(self, mid_epoch: bool = False) -> dict | None:
         return {"teacher": state_of(self.teacher), "layers": list(self.layers),
                 "attention": None if self.attention is None else [w.clone() for w in self.attention]}
 

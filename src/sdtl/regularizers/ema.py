@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sdtl.regularizers.base import tensors_of
+from sdtl.regularizers.options.ema import EMAOptions
 from sdtl.regularizers.self_distillation import Reduction, SelfDistillation, TeacherBN
 
 
@@ -34,11 +35,16 @@ class EMASelfDistillation(SelfDistillation):
 
     def __init__(self, encoder: nn.Module, weight: float = 1.0, decay: float = 0.999, reduction: Reduction = "mean",
                  teacher_bn: TeacherBN = "batch") -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMASelfDistillation decay must be in [0, 1), got {decay}")
+        EMAOptions(ema_decay=decay)  # the check of decay (the base class checks the rest)
         super().__init__(encoder, weight=weight, reduction=reduction, teacher_bn=teacher_bn)
         self.decay = float(decay)
         self.snapshot()
+
+    @classmethod
+    def from_options(cls, encoder: nn.Module, head: nn.Module | None, weight: float,
+                     options: EMAOptions) -> EMASelfDistillation:
+        return cls(encoder, weight=weight, decay=options.ema_decay, reduction=options.reduction,
+                   teacher_bn=options.teacher_bn)
 
     def epoch_start(self) -> None:  # the teacher follows the student step by step instead
         pass

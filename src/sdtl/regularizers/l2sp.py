@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sdtl.regularizers.base import Regularizer
+from sdtl.regularizers.options.l2sp import L2SPOptions
 
 
 class L2SP(Regularizer):
@@ -33,16 +34,20 @@ class L2SP(Regularizer):
 
     part = "l2sp"
     replaces_weight_decay = True
+    weight_symbol = "alpha"
 
     def __init__(self, encoder: nn.Module, head: nn.Module | None, weight: float = 0.01,
                  head_weight: float = 0.01) -> None:
         super().__init__(weight)
-        if not (head_weight >= 0):
-            raise ValueError(f"L2SP head_weight (beta) must be >= 0, got {head_weight}")
+        L2SPOptions(head_weight=head_weight)  # the checks
         self.head_weight = float(head_weight)
         self.__dict__["student"] = encoder  # not a submodule: the model owns it
         self.__dict__["head"] = head
         self.reference = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+
+    @classmethod
+    def from_options(cls, encoder: nn.Module, head: nn.Module | None, weight: float, options: L2SPOptions) -> L2SP:
+        return cls(encoder, head, weight=weight, head_weight=options.head_weight)
 
     def loss(self, ctx, student_features: torch.Tensor) -> torch.Tensor:
         anchored = [(p.float() - self.reference[name].float()).pow(2).sum()
@@ -53,7 +58,7 @@ class L2SP(Regularizer):
             total = total + 0.5 * self.head_weight * torch.stack([p.float().pow(2).sum() for p in head.parameters()]).sum()
         return total
 
-    def checkpoint_state(self) -> dict | None:
+    def checkpoint_state(self, mid_epoch: bool = False) -> dict | None:
         return {"reference": {k: v.clone() for k, v in self.reference.items()}}
 
     @torch.no_grad()

@@ -20,7 +20,9 @@ The class is a drop-in for any PyTorch loop::
 ``snapshot_every=N`` (config ``regularizer.snapshot_every``) also refreshes the teacher after every
 N optimizer steps within an epoch (an ablation between the epoch snapshot and an EMA teacher; the
 paper refreshes once per epoch). The count restarts at each epoch, so an epoch boundary still
-snapshots and a resumed run needs no teacher state. Relatives with other teachers:
+snapshots and a run resumed at an epoch boundary needs no teacher state; a checkpoint written
+mid-epoch (``checkpoint_state(mid_epoch=True)``) holds the teacher and the count. Relatives with
+other teachers:
 :class:`~sdtl.regularizers.fixed_teacher.FixedTeacherDistillation` (the pre-trained encoder, never
 refreshed) and :class:`~sdtl.regularizers.ema.EMASelfDistillation` (an average of the student).
 
@@ -34,7 +36,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sdtl.regularizers.base import Regularizer, copy_into, frozen_copy, load_state_into, state_of
+from sdtl.regularizers.base import (
+    Regularizer,
+    copy_into,
+    frozen_copy,
+    load_state_into,
+    state_of,
+)
+from sdtl.regularizers.options.self_distillation import SDOptions
 
 Reduction = Literal["mean", "sum"]
 TeacherBN = Literal["eval", "batch"]
@@ -74,30 +83,25 @@ class SelfDistillation(Regularizer):
     """
 
     part = "sd"
+    weight_symbol = "lambda"
     #: subclasses whose teacher is not the model at an epoch boundary keep it in checkpoints
     stores_teacher = False
 
     def __init__(self, encoder: nn.Module, weight: float = 1.0, reduction: Reduction = "mean",
                  teacher_bn: TeacherBN = "batch", snapshot_every: int = 0) -> None:
-        if not (weight >= 0):  # also rejects NaN
-            raise ValueError(f"SelfDistillation weight (lambda) must be >= 0, got {weight}")
         super().__init__(weight)
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"SelfDistillation reduction must be 'mean' or 'sum', got {reduction!r}")
-        if teacher_bn not in ("eval", "batch"):
-            raise ValueError(f"SelfDistillation teacher_bn must be 'eval' or 'batch', got {teacher_bn!r}")
-        if snapshot_every < 0:
-            raise ValueError(f"SelfDistillation snapshot_every must be >= 0 (0 = once per epoch), got {snapshot_every}")
+        SDOptions(reduction=reduction, teacher_bn=teacher_bn, snapshot_every=snapshot_every)  # the checks
         # Stored outside the module tree: the student belongs to the model, not to the regularizer,
         # and must not appear twice in state dicts or parameter lists.
         self.__dict__["student"] = encoder
         self.reduction = reduction
         self.teacher_bn = teacher_bn
         self.snapshot_every = int(snapshot_every)
-        self._steps = 0
+        self._steps = 0  # optimizer steps since the epoch's snapshot (snapshot_every counts them)
         self.teacher: nn.Module | None = None
 
     def epoch_start(self) -> None:
+        super().epoch_start()
         self._steps = 0
         self.snapshot()
 
@@ -145,8 +149,8 @@ class SelfDistillation(Regularizer):
             distance = diff.pow(2).flatten(1).sum(dim=1).mean()
         return self.weight * distance
 
-    # For loops that checkpoint mid-epoch: the teacher is then part of the training state.
-    # (sdtl's engine checkpoints at epoch boundaries, where the next teacher is the model itself.)
+    # Mid-epoch the teacher is part of the training state; at an epoch boundary the next teacher is
+    # the model itself (epoch_start snapshots it).
     def teacher_state_dict(self) -> dict | None:
         return None if self.teacher is None else state_of(self.teacher)
 
@@ -158,15 +162,28 @@ class SelfDistillation(Regularizer):
             self.snapshot()
         load_state_into(self.teacher, state, "teacher")
 
-    def checkpoint_state(self) -> dict | None:
-        return {"teacher": self.teacher_state_dict()} if self.stores_teacher else None
+    def checkpoint_state(self, mid_epoch: bool = False) -> dict | None:
+        if self.stores_teacher:
+            return {"teacher": self.teacher_state_dict()}
+        if not mid_epoch:
+            return None
+        return {"teacher": self.teacher_state_dict(), "steps": self._steps}
 
     def load_checkpoint_state(self, state: dict | None) -> None:
-        if not self.stores_teacher:
-            return super().load_checkpoint_state(state)
-        if not state or "teacher" not in state:
-            raise ValueError(f"{self.part}: the checkpoint holds no teacher; it was not written by a {self.part} run")
+        if self.stores_teacher:
+            if not state or "teacher" not in state:
+                raise ValueError(f"{self.part}: the checkpoint holds no teacher; it was not written by a {self.part} run")
+            self.load_teacher_state_dict(state["teacher"])
+            return
+        if state is None:  # an epoch boundary: epoch_start snapshots the (restored) model
+            self.resumed_mid_epoch = False
+            return
+        if "teacher" not in state or "steps" not in state:
+            raise ValueError(f"{self.part}: expected no state (epoch boundary) or a mid-epoch teacher and step "
+                             f"count, got {sorted(state)[:3]}")
         self.load_teacher_state_dict(state["teacher"])
+        self._steps = int(state["steps"])
+        self.resumed_mid_epoch = True
 
     def extra_repr(self) -> str:
         every = f", snapshot_every={self.snapshot_every}" if self.snapshot_every else ""

@@ -18,48 +18,30 @@ pre-trained encoder, accuracy of the frozen pretext head = retention of the pre-
 ``OUT/summary.{md,json,png}`` and ``OUT/forgetting.png`` (or ``lr_grid.*``) hold the results: mean ±
 std over seeds, and paired per-seed differences with 95% t-intervals.
 
-Re-running a plan on the same OUT reuses finished runs and resumes unfinished ones — but only runs
-whose effective config equals what this invocation would run; anything else is refused, never
-mixed into the summary and never overwritten.
+Re-running a plan on the same OUT reuses finished runs (and says so) and resumes unfinished ones —
+but only runs whose effective config equals what this invocation would run; anything else is
+refused, never mixed into the summary and never overwritten. The wall time adds up over the
+invocations. ``--seeds`` may grow a folder's seeds (the new ones are run), never shrink them.
+``--parallel N`` runs N fine-tunes at a time as child processes (:mod:`sdtl.studies.core`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from sdtl.atomic import atomic_copy, atomic_savefig, atomic_write_text
-from sdtl.errors import UserError
-from sdtl.studies.stats import describe_difference, mean_std, paired_difference
+from sdtl.errors import RunFailed, UserError
+from sdtl.studies import core, plots
+from sdtl.studies.stats import describe_difference, paired_difference
+from sdtl.studies.synthetic_bench import QUICK, DemoPlan, ensure_data, prepare_encoder
 
 log = logging.getLogger("sdtl.demo")
 
+__all__ = ["FULL", "LR_GRID", "QUICK", "DemoPlan", "register", "run_demo"]
 
-@dataclass(frozen=True)
-class DemoPlan:
-    name: str  # quick | full | lr-grid
-    preset: str
-    seeds: int
-    pretrain: bool  # pre-train an encoder here (full) or start from the shipped one
-    pool_videos: int | None  # None = the whole pool; else the first N (only the retention probe needs them)
-    pretrain_recipe: str
-    finetune_recipe: str
-    pretrain_overrides: tuple[str, ...] = ()
-    finetune_overrides: tuple[str, ...] = ()
-    sd_weight: float = 1.0  # chosen by the --lr-grid rule (docs/demo_regime.md)
-    lrs: tuple[float, ...] = ()  # lr-grid only
-    weights: tuple[float, ...] = ()  # lr-grid only: the λ values
-
-
-# The fine-tuning settings (recipe synthetic_small: SGD momentum 0.9, lr, λ) were chosen by the rule
-# of docs/demo_regime.md from the --lr-grid study; budgets on 2 CPU cores: quick <= 5 min, full <= 30.
-QUICK = DemoPlan(name="quick", preset="small", seeds=3, pretrain=False, pool_videos=48,
-                 pretrain_recipe="synthetic_pretrain", finetune_recipe="synthetic_small",
-                 finetune_overrides=("eval.num_clips=5",))
 FULL = DemoPlan(name="full", preset="small", seeds=5, pretrain=True, pool_videos=None,
                 pretrain_recipe="synthetic_pretrain", finetune_recipe="synthetic_small")
 LR_GRID = DemoPlan(name="lr-grid", preset="small", seeds=3, pretrain=False, pool_videos=48,
@@ -75,264 +57,172 @@ METHODS = {
     "sd": "pre-trained + self-distillation (λ={w:g})",
 }
 SHORT = {"scratch": "scratch", "plain": "plain", "sd": "SD λ={w:g}"}
+PRETEXT_CLASSES = 4  # playback speeds of the pretext task: its frozen head's chance is 25%
 
-
-@dataclass
-class RunSpec:
-    """One fine-tuning run of a plan: its folder name and its overrides of the plan's recipe."""
-
-    name: str
-    method: str  # scratch | plain | sd
-    seed: int
-    weight: float
-    lr: float | None = None
-    overrides: list[str] = field(default_factory=list)
-
-
+MARKER = "demo.json"
 # Everything the demo writes at the top of its OUT (folders and files).
-DEMO_NAMES = frozenset({"demo.json", "data", "pretrained", "pretrain", "runs", "summary.json", "summary.md",
+DEMO_NAMES = frozenset({MARKER, "data", "pretrained", "pretrain", "runs", "logs", "summary.json", "summary.md",
                         "summary.png", "forgetting.png", "lr_grid.json", "lr_grid.md", "lr_grid.png"})
 
 
-def _marker(out: Path) -> Path:
-    return out / "demo.json"
-
-
+# ------------------------------------------------------------------------------------ the folder
 def _plan_identity(plan: DemoPlan) -> dict:
-    """What must match for runs in an OUT to be reused (the number of seeds may grow or shrink)."""
+    """What must match for runs in an OUT to be reused (the number of seeds may grow, see :func:`_seeds_for`)."""
     return {k: v for k, v in asdict(plan).items() if k != "seeds"}
 
 
-def _claim_out(out: Path, plan: DemoPlan, force: bool, write: bool = True) -> None:
-    from sdtl.engine.runlock import LOCK_NAME
-
-    marker = _marker(out)
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        old_identity = old.get("identity") or {}
-        if old_identity != json.loads(json.dumps(_plan_identity(plan))):
-            diff = sorted(k for k in set(old_identity) | set(_plan_identity(plan))
-                          if old_identity.get(k) != json.loads(json.dumps(_plan_identity(plan))).get(k))
-            raise UserError(f"--out {out}: holds a `sdtl demo` of plan {old.get('plan', '?')!r} with other settings "
+def _same_plan(plan: DemoPlan):
+    def check(out: Path, old: dict, new: dict, extend: bool) -> None:
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UserError(f"--out {out}: holds a `sdtl demo` of plan {old.get('name', '?')!r} with other settings "
                             f"({', '.join(diff)}); this is plan {plan.name!r}. Nothing was changed: choose another "
-                            f"--out (the default for this plan is {DEFAULT_OUT[plan.name]})")
-    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if not force:
-            raise UserError(f"--out {out}: exists and is not an sdtl demo folder; choose a new --out "
-                            f"(or pass --force to add the demo's folders to it; nothing in it is deleted)")
-        taken = sorted(p.name for p in out.iterdir() if p.name in DEMO_NAMES)
-        if taken:  # --force adds the demo's files; it never writes over files the demo did not write
-            raise UserError(f"--out {out}: already holds {', '.join(taken)}, which the demo would write over, and "
-                            f"no demo.json says the demo wrote them; choose a new --out (nothing was changed)")
-    if not write:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"plan": plan.name, "identity": _plan_identity(plan)}, indent=2) + "\n")
+                            f"--out (the default for this plan is {DEFAULT_OUT.get(plan.name, '?')})")
+    return check
 
 
-# ------------------------------------------------------------------------------------------ data
-def _ensure_data(out: Path, plan: DemoPlan, data_dir: str | None) -> Path:
-    from sdtl.data.synthetic import GENERATOR_VERSION, PRESETS, generate_synthetic
-
-    need_pool = PRESETS[plan.preset].pool_size if plan.pool_videos is None else plan.pool_videos
-    if data_dir is not None:
-        data = Path(data_dir).resolve()
-        if not (data / "meta.json").exists():
-            raise UserError(f"--data {data_dir}: not a folder written by `sdtl synth` (no meta.json); "
-                            f"run `sdtl synth --out {data_dir}` first or leave --data out")
-    else:
-        data = (out / "data").resolve()
-        if not (data / "meta.json").exists():
-            log.info("demo: generating the synthetic '%s' dataset in %s", plan.preset, data)
-            generate_synthetic(data, preset=plan.preset, seed=0, pool_size=plan.pool_videos)
-    meta = json.loads((data / "meta.json").read_text())
-    preset = meta.get("preset") or {}
-    expected = json.loads(json.dumps(asdict(PRESETS[plan.preset])))
-    same = {k: v for k, v in preset.items() if k != "pool_size"} == {k: v for k, v in expected.items() if k != "pool_size"}
-    if meta.get("generator_version") != GENERATOR_VERSION or not same or meta["counts"]["unlabelled"] < need_pool:
-        raise UserError(f"{data}: synthetic data of another version or preset (generator "
-                        f"{meta.get('generator_version')}, preset {preset.get('name')}, "
-                        f"{meta['counts']['unlabelled']} pool videos); this demo needs preset {plan.preset!r} "
-                        f"version {GENERATOR_VERSION} with >= {need_pool} pool videos: use a new --out "
-                        f"(or `sdtl synth --out NEW --preset {plan.preset}` and --data NEW)")
-    return data
+def claim(out: Path, plan: DemoPlan, force: bool = False) -> dict | None:
+    """May ``out`` hold this plan? Its demo.json (None: new or empty, or ``force`` on a foreign folder)."""
+    return core.claim_out(out, "demo", MARKER, _plan_identity(plan), check=_same_plan(plan), force=force,
+                          writes=DEMO_NAMES)
 
 
-# ------------------------------------------------------------------------------ encoder + probes
-def _retention_probe_for(encoder: Path, data: Path, plan: DemoPlan, path: Path) -> Path:
-    """Retention probe of the shipped encoder, built exactly as `sdtl pretrain` builds its own (from the
-    first 48 pool videos, which quick mode writes)."""
-    if path.exists():
-        return path
-    from sdtl.engine import config as cfgmod
-    from sdtl.data.videos import find_videos
-    from sdtl.engine.pretrain import write_retention_probe
-
-    pcfg = cfgmod.load_config(plan.pretrain_recipe, [f"data.root={data}"], kind="pretrain")
-    return write_retention_probe(encoder, find_videos(str(data), None)[:48], pcfg, path)
+def _summary_of(out: Path, plan: DemoPlan) -> dict | None:
+    path = out / ("lr_grid.json" if plan.name == "lr-grid" else "summary.json")
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def _prepare_encoder(out: Path, plan: DemoPlan, data: Path) -> dict:
-    """The encoder fine-tuning starts from: shipped (quick, lr-grid) or pre-trained here (full)."""
-    from sdtl.assets import demo_encoder, demo_encoder_info, sha256_file
+def _recorded_seeds(out: Path, plan: DemoPlan, marker: dict | None) -> int:
+    """How many seeds the folder's summary covers (0: none yet); older folders: from the summary itself."""
+    if marker and marker.get("seeds"):
+        return int(marker["seeds"])
+    summary = _summary_of(out, plan) if marker else None
+    if not summary:
+        return 0
+    if "points" in summary:
+        return len({s for p in summary["points"] for s in p.get("seeds", [])})
+    return len(summary.get("seeds") or [])
 
-    shipped_info = demo_encoder_info()
-    if not plan.pretrain:
-        enc_dir = out / "pretrained"
-        enc_dir.mkdir(exist_ok=True)
-        encoder = enc_dir / "encoder.pt"
-        if not encoder.exists():
-            src = demo_encoder()  # checks the sha256
-            atomic_copy(src, encoder)
-        elif sha256_file(encoder) != shipped_info["sha256"]:
-            raise UserError(f"{encoder}: is not the shipped demo encoder (sha256 differs); use a new --out")
-        retention = _retention_probe_for(encoder, data, plan, enc_dir / "retention_probe.pt")
-        return {"source": "shipped", "path": str(encoder), "sha256": shipped_info["sha256"],
-                "pretext_train_acc": shipped_info.get("pretext_train_acc"), "retention_probe": str(retention),
-                "regenerate": shipped_info["regenerate"]}
 
-    from sdtl.engine import config as cfgmod
-    from sdtl.engine.diagnostics import RetentionProbe
-    from sdtl.engine.pretrain import run_pretrain
-    from sdtl.engine.rundir import check_same_config
-    from sdtl.models import build_encoder
-    from sdtl.models.checkpoints import safe_load
+def _seeds_for(out: Path, plan: DemoPlan, seeds: int | None, marker: dict | None) -> int:
+    """The seeds this invocation summarises: never fewer than the folder's summary already has."""
+    recorded = _recorded_seeds(out, plan, marker)
+    if seeds is None:
+        return max(plan.seeds, recorded)
+    if False:
+        raise UserError(f"--seeds {seeds}: {out} already holds a {recorded}-seed demo summary; fewer seeds would "
+                        f"replace it with a smaller one. Nothing was changed: pass --seeds {recorded} or more "
+                        f"(or leave --seeds out) to reuse its runs, or choose another --out")
+    return seeds
 
-    pre_dir = out / "pretrain"
-    encoder = pre_dir / "checkpoints" / "encoder.pt"
-    if not encoder.exists():
-        cfg = cfgmod.load_config(plan.pretrain_recipe, [f"data.root={data}", *plan.pretrain_overrides],
-                                 kind="pretrain")
-        check_same_config(pre_dir, cfg, "this demo")
-        run_pretrain(cfg, pre_dir, resume="auto")
-    retention = pre_dir / "retention_probe.pt"
-    history = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    info = {"source": "pre-trained here", "path": str(encoder), "sha256": sha256_file(encoder),
-            "pretext_train_acc": history[-1].get("train_acc") if history else None,
-            "retention_probe": str(retention)}
-    # How this encoder compares with the shipped one: both on the same pretext probe clips.
-    import torch
 
-    probe = RetentionProbe.load(retention)
-    try:
-        states = {"retention_acc": safe_load(encoder), "shipped_retention_acc": safe_load(demo_encoder())}
-    except UserError as exc:  # a broken shipped file must not stop the full demo, which does not need it
-        log.warning("demo: cannot compare with the shipped encoder: %s", exc)
-        return info
-    own_data, shipped_data = (states[k].get("config", {}).get("data", {}) for k in states)
-    comparable = all(own_data.get(k) == shipped_data.get(k) for k in ("size", "clip_len")) and \
-        states["retention_acc"].get("task_options") == states["shipped_retention_acc"].get("task_options")
-    for key, state in states.items():
-        if key == "shipped_retention_acc" and not comparable:
-            info["shipped_comparison"] = "not comparable: the shipped encoder was pre-trained on other clip sizes"
-            continue
-        enc = build_encoder(state["arch"], **state.get("arch_options", {}))
-        enc.load_state_dict(state["encoder"])
-        own_head = RetentionProbe(probe.clips, probe.labels, state["head"], probe.task, probe.task_options)
-        info[key] = own_head.accuracy(enc, torch.device("cpu"))
-    info["shipped_pretext_train_acc"] = shipped_info.get("pretext_train_acc")
-    return info
+def _say_seeds(out: Path, plan: DemoPlan, seeds: int | None, recorded: int, n_seeds: int) -> None:
+    if recorded and n_seeds > recorded:
+        log.info("demo: extending the %d-seed demo in %s to %d seeds (its finished runs are reused)",
+                 recorded, out, n_seeds)
+    elif recorded and seeds is None and n_seeds > plan.seeds:
+        log.info("demo: %s holds a %d-seed summary: keeping all %d seeds (--seeds N to add more)",
+                 out, recorded, n_seeds)
+
+
+def _earlier_wall_time(out: Path, plan: DemoPlan, marker: dict | None) -> dict:
+    """The wall time of the earlier invocations on this folder (older folders: their summary's)."""
+    if not marker:
+        return {}
+    if "wall_time_s" in marker:
+        return marker["wall_time_s"] or {}
+    return (_summary_of(out, plan) or {}).get("wall_time_s") or {}
+
+
+def _write_marker(out: Path, plan: DemoPlan, seeds: int, wall_time: dict) -> None:
+    core.write_json(out / MARKER, {"plan": plan.name, "identity": _plan_identity(plan), "seeds": seeds,
+                                   "wall_time_s": wall_time})
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
-def _run_specs(plan: DemoPlan, n_seeds: int) -> list[RunSpec]:
-    specs = []
-    for seed in range(n_seeds):
-        if plan.name == "lr-grid":
-            for lr in plan.lrs:
-                specs.append(RunSpec(f"scratch_lr{lr:g}_s{seed}", "scratch", seed, 0.0, lr))
-                specs.append(RunSpec(f"plain_lr{lr:g}_s{seed}", "plain", seed, 0.0, lr))
-                for w in plan.weights:
-                    specs.append(RunSpec(f"sd{w:g}_lr{lr:g}_s{seed}", "sd", seed, w, lr))
-        else:
-            for method in METHODS:
-                specs.append(RunSpec(f"{method}_s{seed}", method, seed, plan.sd_weight if method == "sd" else 0.0))
-    return specs
-
-
-def _finetune_all(out: Path, plan: DemoPlan, specs: list[RunSpec], data: Path, encoder: dict) -> list[dict]:
-    from sdtl.engine import config as cfgmod
-    from sdtl.engine.finetune import run_finetune
-    from sdtl.engine.rundir import check_same_config
-
-    results = []
-    for i, spec in enumerate(specs, start=1):
-        run_dir = out / "runs" / spec.name
-        overrides = [f"data.root={data}", f"run.seed={spec.seed}", f"regularizer.weight={spec.weight:g}",
-                     f"eval.retention={encoder['retention_probe']}", *plan.finetune_overrides]
-        if spec.method != "scratch":
-            overrides.append(f"model.pretrained={encoder['path']}")
-        if spec.lr is not None:
-            overrides.append(f"optim.lr={spec.lr:g}")
-        cfg = cfgmod.load_config(plan.finetune_recipe, overrides, kind="finetune")
-        check_same_config(run_dir, cfg, "this demo")
-        result_path = run_dir / "results.json"
-        t0 = time.perf_counter()
-        if not result_path.exists():
-            log.info("demo [%d/%d]: %s, seed %d%s -> %s", i, len(specs), _label(spec.method, spec.weight),
-                     spec.seed, f", lr {spec.lr:g}" if spec.lr is not None else "", run_dir)
-            run_finetune(cfg, run_dir, resume="auto")
-        res = json.loads(result_path.read_text())
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        results.append({"spec": asdict(spec), "dir": str(run_dir.relative_to(out)), "history": history,
-                        "wall_s": time.perf_counter() - t0, **res})
-    return results
-
-
 def _label(method: str, weight: float) -> str:
     return METHODS[method].format(w=weight)
 
 
+def run_specs(plan: DemoPlan, n_seeds: int, out: Path, data: Path, encoder: dict) -> list[core.RunSpec]:
+    """The plan's fine-tuning runs, seed by seed, in the order they run in this process."""
+    coords = []
+    for seed in range(n_seeds):
+        if plan.name == "lr-grid":
+            for lr in plan.lrs:
+                coords.append((f"scratch_lr{lr:g}_s{seed}", "scratch", seed, 0.0, lr))
+                coords.append((f"plain_lr{lr:g}_s{seed}", "plain", seed, 0.0, lr))
+                for w in plan.weights:
+                    coords.append((f"sd{w:g}_lr{lr:g}_s{seed}", "sd", seed, w, lr))
+        else:
+            for method in METHODS:
+                coords.append((f"{method}_s{seed}", method, seed, plan.sd_weight if method == "sd" else 0.0, None))
+    specs = []
+    for name, method, seed, weight, lr in coords:
+        sets = [f"data.root={data}", f"run.seed={seed}", f"regularizer.weight={weight:g}",
+                f"eval.retention={encoder['retention_probe']}", *plan.finetune_overrides]
+        if method != "scratch":
+            sets.append(f"model.pretrained={encoder['path']}")
+        if lr is not None:
+            sets.append(f"optim.lr={lr:g}")
+        specs.append(core.RunSpec(name, out / "runs" / name, plan.finetune_recipe, sets, seed, method,
+                                  {"weight": weight, "lr": lr},
+                                  label=f"{_label(method, weight)}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "")))
+    return specs
+
+
 # ------------------------------------------------------------------------------------- summaries
-def _stat(values: list[float]) -> dict:
-    m, s = mean_std(values)
-    return {"mean": m, "std": s, "values": values}
-
-
 def _best_val(history: list[dict]) -> float:
     vals = [r["val_video_acc1"] for r in history if isinstance(r.get("val_video_acc1"), (int, float))]
     return max(vals) if vals else float("nan")
 
 
-def _final(history: list[dict], key: str) -> float:
-    vals = [r[key] for r in history if isinstance(r.get(key), (int, float))]
-    return vals[-1] if vals else float("nan")
+def _result(key: str):
+    return lambda c: c["results"][key]
 
 
-def _method_entry(label: str, rs: list[dict]) -> dict:
-    entry = {"label": label, "runs": len(rs), "seeds": [r["spec"]["seed"] for r in rs]}
-    for key in ("video_acc1", "video_acc5", "clip_acc1", "mean_class_acc"):
-        entry[key] = _stat([r[key] for r in rs])
-    entry["last_video_acc1"] = _stat([r["last"]["video_acc1"] for r in rs])
-    entry["val_video_acc1"] = _stat([_best_val(r["history"]) for r in rs])
-    entry["selected_epochs"] = [r["selected"]["epoch"] for r in rs]
-    entry["forgetting"] = {
-        "feat_drift": _stat([_final(r["history"], "feat_drift") for r in rs]),
-        "feat_cka": _stat([_final(r["history"], "feat_cka") for r in rs]),
-        "retention_acc": _stat([_final(r["history"], "retention_acc") for r in rs]),
-        "retention_acc_initial": _stat([r["history"][0].get("retention_acc", float("nan")) for r in rs]),
-    }
-    entry["wall_s"] = sum(r["wall_s"] for r in rs)
+def _last(key: str):
+    return lambda c: core.final(c["history"], key)
+
+
+METRICS = {
+    "video_acc1": _result("video_acc1"), "video_acc5": _result("video_acc5"), "clip_acc1": _result("clip_acc1"),
+    "mean_class_acc": _result("mean_class_acc"),
+    "last_video_acc1": lambda c: c["results"]["last"]["video_acc1"],
+    "val_video_acc1": lambda c: _best_val(c["history"]),
+    "selected_epoch": lambda c: c["results"]["selected"]["epoch"],
+    "feat_drift": _last("feat_drift"), "feat_cka": _last("feat_cka"), "retention_acc": _last("retention_acc"),
+    "retention_acc_initial": lambda c: c["history"][0].get("retention_acc", float("nan")),
+    "seconds": lambda c: c["seconds"],
+}
+
+
+def _method_entry(label: str, row: dict) -> dict:
+    entry = {"label": label, "runs": row["finished"], "seeds": row["seeds"]}
+    for key in ("video_acc1", "video_acc5", "clip_acc1", "mean_class_acc", "last_video_acc1", "val_video_acc1"):
+        entry[key] = row[key]
+    entry["selected_epochs"] = row["selected_epoch"]["values"]
+    entry["forgetting"] = {k: row[k] for k in ("feat_drift", "feat_cka", "retention_acc", "retention_acc_initial")}
+    entry["wall_s"] = sum(row["seconds"]["values"])  # the runs' own epochs and final tests
     return entry
 
 
-def summarise(results: list[dict], plan: DemoPlan, data: Path, encoder: dict, timings: dict) -> dict:
+def summarise(runs: list[core.RunSpec], plan: DemoPlan, data: Path, encoder: dict, timings: dict) -> dict:
     import torch
 
-    by_method: dict[str, list[dict]] = {m: [] for m in METHODS}
-    for r in results:
-        by_method[r["spec"]["method"]].append(r)
-    methods = {m: _method_entry(_label(m, plan.sd_weight), rs) for m, rs in by_method.items() if rs}
-    seeds = sorted({r["spec"]["seed"] for r in results})
+    rows = core.summarise(runs, METRICS, by=lambda r: r.method)
+    methods = {m: _method_entry(_label(m, plan.sd_weight), rows[m]) for m in METHODS if m in rows}
+    seeds = sorted({r.seed for r in runs})
 
     def paired(a: str, b: str) -> dict:
-        va = {r["spec"]["seed"]: r["video_acc1"] for r in by_method[a]}
-        vb = {r["spec"]["seed"]: r["video_acc1"] for r in by_method[b]}
+        va = dict(zip(rows[a]["seeds"], rows[a]["video_acc1"]["values"])) if a in rows else {}
+        vb = dict(zip(rows[b]["seeds"], rows[b]["video_acc1"]["values"])) if b in rows else {}
         common = sorted(set(va) & set(vb))
         return paired_difference([va[s] for s in common], [vb[s] for s in common], common)
 
     meta = json.loads((data / "meta.json").read_text())
-    any_run = results[0]
+    any_run = core.collect(runs[0])["results"]
+    sd = next((r for r in runs if r.method == "sd"), None)
     return {
         "plan": plan.name, "quick": plan.name == "quick", "methods": methods, "seeds": seeds,
         "comparisons": {"sd_vs_plain": paired("sd", "plain"), "plain_vs_scratch": paired("plain", "scratch"),
@@ -345,24 +235,21 @@ def summarise(results: list[dict], plan: DemoPlan, data: Path, encoder: dict, ti
         "encoder": encoder,
         "pretrain_recipe": plan.pretrain_recipe, "finetune_recipe": plan.finetune_recipe,
         "overrides": {"pretrain": list(plan.pretrain_overrides), "finetune": list(plan.finetune_overrides)},
-        "sd_weight": plan.sd_weight, "regularizer": by_method["sd"][0]["regularizer"] if by_method["sd"] else None,
+        "sd_weight": plan.sd_weight, "regularizer": core.collect(sd)["results"]["regularizer"] if sd else None,
         "wall_time_s": timings,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
     }
 
 
-def _fmt(stat: dict, digits: int = 1) -> str:
-    return "n/a" if math.isnan(stat["mean"]) else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def render_table(summary: dict) -> str:
+    fmt = core.fmt
     lines = ["| method | video Acc@1 (%) | clip Acc@1 (%) | val Acc@1 (%) | feature drift | pretext skill kept (%) |",
              "|---|---|---|---|---|---|"]
     for m in summary["methods"].values():
         f = m["forgetting"]
-        lines.append(f"| {m['label']} | {_fmt(m['video_acc1'])} | {_fmt(m['clip_acc1'])} | "
-                     f"{_fmt(m['val_video_acc1'])} | {_fmt(f['feat_drift'], 2)} | {_fmt(f['retention_acc'])} |")
+        lines.append(f"| {m['label']} | {fmt(m['video_acc1'])} | {fmt(m['clip_acc1'])} | "
+                     f"{fmt(m['val_video_acc1'])} | {fmt(f['feat_drift'], 2)} | {fmt(f['retention_acc'])} |")
     return "\n".join(lines)
 
 
@@ -371,6 +258,16 @@ def effect_sentences(summary: dict) -> list[str]:
     return [describe_difference(c["plain_vs_scratch"], "Pre-training (plain − scratch, video Acc@1)"),
             describe_difference(c["sd_vs_plain"], f"Self-distillation (SD λ={summary['sd_weight']:g} − plain, "
                                                   f"video Acc@1)")]
+
+
+def _wall_time_note(t: dict, reused: int | None) -> str:
+    """What the wall time covers when the folder was filled by more than one invocation."""
+    parts = []
+    if t.get("invocations", 1) > 1:
+        parts.append(f"summed over the {t['invocations']} invocations that filled this folder")
+    if reused:
+        parts.append(f"this one reused {reused} finished run(s)")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def render_markdown(summary: dict) -> str:
@@ -397,7 +294,7 @@ def render_markdown(summary: dict) -> str:
         "",
         "Feature drift: ‖f_t − f_0‖² / ‖f_0‖² on fixed probe clips at the last epoch (0 = the pre-trained features). "
         "Pretext skill kept: accuracy of the frozen playback-speed head on pool clips at the last epoch "
-        f"(chance 25%; at the start {_fmt(summary['methods']['plain']['forgetting']['retention_acc_initial'])}).",
+        f"(chance 25%; at the start {core.fmt(summary['methods']['plain']['forgetting']['retention_acc_initial'])}).",
         "",
         f"Protocol: {p['views']} clips × {p['crops']} crop(s) per test video ({p['crop']}; {p['clip']}), "
         f"{p['aggregation']}; {p['split']}. Checkpoint: selected by {p['selected_by']}.",
@@ -406,7 +303,8 @@ def render_markdown(summary: dict) -> str:
         f"teacher BN {summary['regularizer']['teacher_bn']}).",
         enc_line,
         f"Wall time: total {t['total_s'] / 60:.1f} min (data {t['data_s']:.0f} s, encoder {t['encoder_s']:.0f} s, "
-        f"fine-tuning {t['finetune_s']:.0f} s) on {summary['machine']['platform']}, torch {summary['machine']['torch']}, "
+        f"fine-tuning {t['finetune_s']:.0f} s){_wall_time_note(t, summary.get('reused_runs'))} on "
+        f"{summary['machine']['platform']}, torch {summary['machine']['torch']}, "
         f"{summary['machine']['threads']} threads.",
         "",
         "Per-run results: `runs/<method>_s<seed>/results.json`; curves: `runs/*/curves.png`; "
@@ -416,21 +314,8 @@ def render_markdown(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    atomic_savefig(fig, path, dpi=110)
-
-
 def plot_summary(summary: dict, path: Path) -> None:
-    plt = _plt()
+    plt = plots.pyplot()
     methods = list(summary["methods"].items())
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, (key, m) in enumerate(methods):
@@ -439,7 +324,7 @@ def plot_summary(summary: dict, path: Path) -> None:
         ax.scatter([i] * len(vals), vals, color="black", s=12, zorder=3)
         ax.annotate(f"{m['video_acc1']['mean']:.1f}", (i, m["video_acc1"]["mean"]), textcoords="offset points",
                     xytext=(14, 3), fontsize=8)
-    ax.axhline(summary["dataset"]["chance"], color="grey", ls="--", lw=1, label="chance")
+    plots.chance_line(ax, summary["dataset"]["classes"])
     ax.set_xticks(range(len(methods)), [SHORT[k].format(w=summary["sd_weight"]) for k, _ in methods])
     ax.set_ylim(0, 100)
     ax.set_ylabel("test video Acc@1 (%)")
@@ -447,18 +332,17 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
-def plot_forgetting(results: list[dict], summary: dict, path: Path) -> None:
+def plot_forgetting(records: list[dict], summary: dict, path: Path) -> None:
     """Per method: feature drift from the pre-trained encoder and pretext skill kept, vs epoch."""
     import numpy as np
 
-    plt = _plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for i, method in enumerate(summary["methods"]):
-        rs = [r for r in results if r["spec"]["method"] == method]
+        rs = [r for r in records if r["spec"].method == method]
         for ax, key in zip(axes, ("feat_drift", "retention_acc")):
             series = [[row.get(key, np.nan) for row in r["history"]] for r in rs]
             length = min(len(s) for s in series)
@@ -471,7 +355,7 @@ def plot_forgetting(results: list[dict], summary: dict, path: Path) -> None:
     axes[0].set_ylabel("‖f_t − f_0‖² / ‖f_0‖²")
     axes[1].set_title("pre-trained skill kept: frozen pretext head accuracy", fontsize=9)
     axes[1].set_ylabel("playback-speed accuracy (%)")
-    axes[1].axhline(25.0, color="grey", ls="--", lw=1, label="chance")
+    plots.chance_line(axes[1], PRETEXT_CLASSES)
     axes[1].set_ylim(0, 100)
     for ax in axes:
         ax.set_xlabel("epoch (0 = start of fine-tuning)")
@@ -480,25 +364,22 @@ def plot_forgetting(results: list[dict], summary: dict, path: Path) -> None:
     fig.suptitle(f"forgetting, mean ± std over {len(summary['seeds'])} seeds (scratch: drift from its random init)",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------- lr grid
-def summarise_grid(results: list[dict], plan: DemoPlan, data: Path, encoder: dict, timings: dict) -> dict:
+GRID_METRICS = {"val_video_acc1": METRICS["val_video_acc1"], "video_acc1": METRICS["video_acc1"],
+                "retention_acc": METRICS["retention_acc"], "feat_drift": METRICS["feat_drift"]}
+
+
+def summarise_grid(runs: list[core.RunSpec], plan: DemoPlan, data: Path, encoder: dict, timings: dict) -> dict:
     """Every (method, λ, lr) point with mean ± std, and the selection rule applied on validation."""
-    points: dict[tuple, list[dict]] = {}
-    for r in results:
-        s = r["spec"]
-        points.setdefault((s["method"], s["weight"], s["lr"]), []).append(r)
+    rows = core.summarise(runs, GRID_METRICS, by=lambda r: (r.method, r.point["weight"], r.point["lr"]))
     table = []
-    for (method, weight, lr), rs in sorted(points.items(), key=lambda kv: (kv[0][0] != "scratch", kv[0][0] != "plain",
-                                                                            kv[0][1], kv[0][2])):
-        table.append({"method": method, "weight": weight, "lr": lr, "seeds": [r["spec"]["seed"] for r in rs],
-                      "val_video_acc1": _stat([_best_val(r["history"]) for r in rs]),
-                      "video_acc1": _stat([r["video_acc1"] for r in rs]),
-                      "retention_acc": _stat([_final(r["history"], "retention_acc") for r in rs]),
-                      "feat_drift": _stat([_final(r["history"], "feat_drift") for r in rs])})
+    for (method, weight, lr), row in sorted(rows.items(), key=lambda kv: (kv[0][0] != "scratch", kv[0][0] != "plain",
+                                                                          kv[0][1], kv[0][2])):
+        table.append({"method": method, "weight": weight, "lr": lr, "seeds": row["seeds"],
+                      **{k: row[k] for k in GRID_METRICS}})
 
     def val(method, weight, lr):
         return next(p["val_video_acc1"]["mean"] for p in table if (p["method"], p["weight"], p["lr"]) == (method, weight, lr))
@@ -519,6 +400,7 @@ def _grid_label(p: dict) -> str:
 
 
 def render_grid_markdown(grid: dict) -> str:
+    fmt = core.fmt
     sel = grid["selection"]
     lines = ["# sdtl demo --lr-grid: test accuracy vs fine-tuning learning rate", "",
              f"Rule (fixed before looking at test numbers): {sel['rule']}. Selected: lr = {sel['lr']:g}, "
@@ -528,18 +410,19 @@ def render_grid_markdown(grid: dict) -> str:
     for p in grid["points"]:
         mark = " **(selected)**" if (p["lr"] == sel["lr"] and (p["method"] == "plain" or
                                                                (p["method"] == "sd" and p["weight"] == sel["weight"]))) else ""
-        lines.append(f"| {_grid_label(p)}{mark} | {p['lr']:g} | {_fmt(p['val_video_acc1'])} | {_fmt(p['video_acc1'])} | "
-                     f"{_fmt(p['retention_acc'])} | {_fmt(p['feat_drift'], 2)} |")
+        lines.append(f"| {_grid_label(p)}{mark} | {p['lr']:g} | {fmt(p['val_video_acc1'])} | {fmt(p['video_acc1'])} | "
+                     f"{fmt(p['retention_acc'])} | {fmt(p['feat_drift'], 2)} |")
     t = grid["wall_time_s"]
     lines += ["", f"Mean ± std over seeds {sorted({s for p in grid['points'] for s in p['seeds']})}; "
-                  f"recipe `{grid['finetune_recipe']}` with {grid['overrides']}; wall time {t['total_s'] / 60:.1f} min.", ""]
+                  f"recipe `{grid['finetune_recipe']}` with {grid['overrides']}; wall time {t['total_s'] / 60:.1f} min"
+                  f"{_wall_time_note(t, grid.get('reused_runs'))}.", ""]
     return "\n".join(lines)
 
 
 def plot_grid(grid: dict, path: Path) -> None:
     import numpy as np
 
-    plt = _plt()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     lines: dict[str, list[dict]] = {}
     for p in grid["points"]:
@@ -562,61 +445,121 @@ def plot_grid(grid: dict, path: Path) -> None:
     axes[0].set_ylim(0, 100)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ entry
 def run_demo(out: str | Path | None = None, quick: bool = False, seeds: int | None = None,
              data_dir: str | None = None, force: bool = False, plan: DemoPlan | None = None,
-             lr_grid: bool = False) -> dict:
+             lr_grid: bool = False, parallel: int = 1) -> dict:
     plan = plan or (LR_GRID if lr_grid else QUICK if quick else FULL)
-    n_seeds = seeds if seeds is not None else plan.seeds
-    if n_seeds < 1:
-        raise UserError(f"--seeds {n_seeds}: need at least 1 seed (mean ± std and intervals need 2 or more)")
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds {seeds}: need at least 1 seed (mean ± std and intervals need 2 or more)")
     out = Path(out if out is not None else DEFAULT_OUT.get(plan.name, f"sdtl-demo-{plan.name}")).resolve()
     from sdtl.engine import config as cfgmod
 
     # Validate the recipes before anything is written.
     cfgmod.load_config(plan.pretrain_recipe, list(plan.pretrain_overrides), kind="pretrain")
     cfgmod.load_config(plan.finetune_recipe, list(plan.finetune_overrides), kind="finetune")
-    from sdtl.engine.runlock import RunLock
+    executor = core.make_executor("demo", parallel, out)
 
-    _claim_out(out, plan, force, write=False)  # refuse a foreign folder before writing a lock file into it
-    with RunLock(out, "demo"):
-        _claim_out(out, plan, force)
-        return _run_plan(out, plan, n_seeds, data_dir)
+    def claim_and_seeds():  # both refuse before a lock file is written (and again under the lock)
+        marker = claim(out, plan, force)
+        return marker, _seeds_for(out, plan, seeds, marker)
+
+    with core.study_folder(out, "demo", claim_and_seeds) as (marker, n_seeds):
+        recorded = _recorded_seeds(out, plan, marker)
+        _say_seeds(out, plan, seeds, recorded, n_seeds)
+        earlier = _earlier_wall_time(out, plan, marker)
+        _write_marker(out, plan, recorded, earlier)
+        return _run_plan(out, plan, n_seeds, data_dir, executor, earlier)
 
 
-def _run_plan(out: Path, plan: DemoPlan, n_seeds: int, data_dir: str | None) -> dict:
+def _run_plan(out: Path, plan: DemoPlan, n_seeds: int, data_dir: str | None, executor: core.Executor,
+              earlier: dict) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    data = _ensure_data(out, plan, data_dir)
-    timings["data_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    encoder = _prepare_encoder(out, plan, data)
-    timings["encoder_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = _finetune_all(out, plan, _run_specs(plan, n_seeds), data, encoder)
-    timings["finetune_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    try:
+        t0 = time.perf_counter()
+        data = ensure_data(out, plan, data_dir)
+        timings["data_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        encoder = prepare_encoder(out, plan, data, "this demo")
+        timings["encoder_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        specs = run_specs(plan, n_seeds, out, data, encoder)
+        cfgs = core.build_configs(specs, "demo")
+        reused = sum(s.finished for s in specs)
+        failed = core.run_all(specs, cfgs, executor, "demo")
+        timings["finetune_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        if failed:
+            raise RunFailed(core.failures_message("demo", failed))
+    except UserError:
+        raise  # refused before anything ran: nothing to add to the wall time
+    except BaseException:  # failed or interrupted: keep the time it spent for the next invocation's total
+        now = {k: timings.get(k, 0.0) for k in ("data_s", "encoder_s", "finetune_s")}
+        now["total_s"] = time.perf_counter() - t_start
+        _write_marker(out, plan, _recorded_seeds(out, plan, core.read_marker(out, MARKER)),
+                      core.accumulate_wall_time(earlier, now))
+        raise
+    timings = core.accumulate_wall_time(earlier, timings)
 
     if plan.name == "lr-grid":
-        grid = summarise_grid(results, plan, data, encoder, timings)
-        atomic_write_text(out / "lr_grid.json", json.dumps(grid, indent=2) + "\n")
-        atomic_write_text(out / "lr_grid.md", render_grid_markdown(grid))
+        grid = summarise_grid(specs, plan, data, encoder, timings)
+        grid["reused_runs"] = reused
+        core.write_json(out / "lr_grid.json", grid)
+        core.write_text(out / "lr_grid.md", render_grid_markdown(grid))
         plot_grid(grid, out / "lr_grid.png")
+        _write_marker(out, plan, n_seeds, timings)
         print(render_grid_markdown(grid))
         print(f"wrote {out / 'lr_grid.md'}, {out / 'lr_grid.json'}, {out / 'lr_grid.png'}")
         return grid
-    summary = summarise(results, plan, data, encoder, timings)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "summary.md", render_markdown(summary))
+    summary = summarise(specs, plan, data, encoder, timings)
+    summary["reused_runs"] = reused
+    core.write_json(out / "summary.json", summary)
+    core.write_text(out / "summary.md", render_markdown(summary))
     plot_summary(summary, out / "summary.png")
-    plot_forgetting(results, summary, out / "forgetting.png")
+    plot_forgetting([core.collect(s) for s in specs], summary, out / "forgetting.png")
+    _write_marker(out, plan, n_seeds, timings)
     print(render_table(summary))
     print()
     print("\n".join(effect_sentences(summary)))
     print(f"\nwrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'summary.png'}, {out / 'forgetting.png'}")
     return summary
+
+
+# --------------------------------------------------------------------------------------- the CLI
+def _cmd(args) -> int:
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, data_dir=args.data, force=args.force,
+             lr_grid=args.lr_grid, parallel=args.parallel)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="compare scratch / plain / self-distillation over seeds on the embedded "
+                                    "synthetic dataset",
+                       description="The paper's comparison on the embedded synthetic dataset: from scratch, "
+                                   "plain fine-tuning and self-distillation from a pre-trained encoder, over "
+                                   "seeds, with forgetting diagnostics and paired 95% intervals. --quick starts "
+                                   "from the shipped pre-trained encoder (about 5 min on 2 cores); the full demo "
+                                   "pre-trains its own (under 30 min); --lr-grid runs the learning-rate study "
+                                   "behind the demo's settings. Re-running the same command on the same --out "
+                                   "reuses finished runs and resumes an interrupted one.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="3 seeds from the shipped encoder (default out sdtl-demo-quick)")
+    mode.add_argument("--lr-grid", action="store_true",
+                      help="scratch / plain / SD (λ 1, 10, 100) over SGD lr 0.001-0.1 x 3 seeds, and the selection "
+                           "rule on validation (default out sdtl-lr-grid)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: sdtl-demo, sdtl-demo-quick or sdtl-lr-grid by mode)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (default: full 5, quick 3, lr-grid 3, or all the seeds --out already has); "
+                        "more than --out has adds seeds, fewer is refused")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="reuse a synthetic dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
+    p.add_argument("--force", action="store_true",
+                   help="use a non-empty --out that is not a demo folder (its files are kept; refused if it already "
+                        "holds a name the demo writes, e.g. summary.md or runs/)")
+    core.add_parallel_option(p)
+    p.set_defaults(func=_cmd, resume_hint=core.RERUN_HINT)

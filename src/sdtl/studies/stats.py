@@ -25,8 +25,8 @@ def t_critical_95(df: int) -> float:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value, NaN for none)."""
-    if not values:
+    """Mean and sample standard deviation (0 for one value; NaN for none, or when a value is NaN)."""
+    if not values or any(math.isnan(v) for v in values):  # statistics.stdev raises on a NaN
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

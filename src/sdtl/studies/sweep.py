@@ -26,44 +26,16 @@ numbers spanning ≥ 10×; one line per value of the other keys).
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import math
-import os
 import re
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from sdtl.atomic import atomic_write_text
-from sdtl.errors import RunFailed, UserError
-from sdtl.studies.stats import mean_std
-
-log = logging.getLogger("sdtl.sweep")
+from sdtl.errors import UserError
+from sdtl.studies import core, plots
 
 MARKER = "sweep.json"
 SEED_KEY = "run.seed"
-METRIC = "video_acc1"  # test metric of the selected checkpoint (results.json)
-VAL_METRIC = "val_video_acc1"  # validation metric at the selected epoch (metrics.jsonl)
-
-
-@dataclass
-class SweepRun:
-    """One run of a sweep: a grid point and a seed."""
-
-    point: dict[str, str]  # key -> value as typed
-    seed: int
-    dir: Path
-    label: str | None = None  # a name for logs and failure records (default: point/seed)
-
-    @property
-    def name(self) -> str:
-        return self.label or f"{point_name(self.point)}/seed{self.seed}"
-
-    def overrides(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.point.items()] + [f"{SEED_KEY}={self.seed}"]
 
 
 # ------------------------------------------------------------------------------------- the grid
@@ -110,29 +82,18 @@ def point_name(point: dict[str, str]) -> str:
     return ",".join(f"{k}={re.sub(r'[^A-Za-z0-9._+-]', '_', v)}" for k, v in point.items())
 
 
-def plan_runs(grid: dict[str, list[str]], seeds: int, out: Path) -> list[SweepRun]:
+def plan_runs(grid: dict[str, list[str]], seeds: int, out: Path, config: str, sets: list[str]) -> list[core.RunSpec]:
+    """The product of the grid x seeds, point by point: ``OUT/runs/<point>/seed<k>``, each the base
+    config + ``--set`` items + the point's values + its seed."""
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    runs = [SweepRun(p, s, out / "runs" / point_name(p) / f"seed{s}") for p in points for s in range(seeds)]
+    runs = [core.RunSpec(f"{point_name(p)}/seed{s}", out / "runs" / point_name(p) / f"seed{s}", config,
+                         [*sets, *(f"{k}={v}" for k, v in p.items()), f"{SEED_KEY}={s}"], seed=s, point=p)
+            for p in points for s in range(seeds)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError("--grid: two values map to the same run folder name after replacing unsafe characters; "
                         "use values that differ in letters, digits or . _ + -")
     return runs
-
-
-def build_configs(config: str, sets: list[str], runs: list[SweepRun]) -> list:
-    """Every run's config, built and validated now: bad keys or values stop the sweep before any run."""
-    from sdtl.engine import config as cfgmod
-
-    cfgs = []
-    for run in runs:
-        try:
-            cfg = cfgmod.load_config(config, [*sets, *run.overrides()], kind="finetune")
-            cfgmod.validate_ranges(cfg)
-        except UserError as exc:
-            raise UserError(f"sweep point {run.name}: {exc}") from None
-        cfgs.append(cfg)
-    return cfgs
 
 
 # --------------------------------------------------------------------------------- the sweep dir
@@ -147,18 +108,10 @@ def sweep_identity(config: str, sets: list[str], grid: dict, seeds: int) -> dict
     return {"base_config": base, "grid": grid, "seeds": seeds}
 
 
-def claim(out: Path, identity: dict, extend: bool) -> dict | None:
-    """Check that ``out`` may hold this sweep; returns the previous identity (None for a new sweep)."""
-    from sdtl.engine.runlock import LOCK_NAME
-
-    marker = out / MARKER
-    if not marker.exists():
-        if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
-            raise UserError(f"--out {out}: exists and holds no sdtl sweep; choose a new --out directory")
-        return None
-    old = (json.loads(marker.read_text()) or {}).get("identity") or {}
+def _check_grid(out: Path, old: dict, identity: dict, extend: bool) -> None:
+    """The same sweep, or (with ``--extend``) the same base and keys with values and seeds only added."""
     if old == identity or _same_sweep(old, identity):
-        return old
+        return
     from sdtl.engine.rundir import config_changes
 
     base_changes = config_changes(old.get("base_config") or {}, identity["base_config"])
@@ -174,7 +127,11 @@ def claim(out: Path, identity: dict, extend: bool) -> dict | None:
                 "--extend can only add values or seeds to the same keys")
         raise UserError(f"--out {out}: holds a sweep of another grid ({described}, {old.get('seeds')} seeds); "
                         f"{hint}, or choose a new --out directory")
-    return old
+
+
+def claim(out: Path, identity: dict, extend: bool) -> dict | None:
+    """May ``out`` hold this sweep? Its sweep.json (None for a new sweep)."""
+    return core.claim_out(out, "sweep", MARKER, identity, extend=extend, check=_check_grid)
 
 
 def _same_sweep(old: dict, new: dict) -> bool:
@@ -184,129 +141,33 @@ def _same_sweep(old: dict, new: dict) -> bool:
             and list(og) == list(ng) and all(set(og[k]) == set(ng[k]) for k in og))
 
 
-# --------------------------------------------------------------------------------------- running
-def is_finished(run: SweepRun) -> bool:
-    return (run.dir / "results.json").exists()
-
-
-def execute(runs: list[SweepRun], cfgs: list, config: str, sets: list[str], out: Path, parallel: int) -> dict[str, str]:
-    """Run what is missing; returns ``{run name: error}`` for runs that failed (the others finished)."""
-    from sdtl.engine.rundir import check_same_config
-
-    for run, cfg in zip(runs, cfgs):
-        check_same_config(run.dir, cfg, "this sweep")
-    todo = [(run, cfg) for run, cfg in zip(runs, cfgs) if not is_finished(run)]
-    log.info("sweep %s: %d runs, %d finished, %d to run%s", out, len(runs), len(runs) - len(todo), len(todo),
-             f" ({parallel} at a time)" if parallel > 1 and todo else "")
-    if parallel <= 1:
-        return _run_in_process(todo)
-    return _run_children(todo, config, sets, out, parallel)
-
-
-def _run_in_process(todo) -> dict[str, str]:
-    from sdtl.engine.finetune import run_finetune
-
-    failed = {}
-    for i, (run, cfg) in enumerate(todo, start=1):
-        log.info("sweep [%d/%d] %s", i, len(todo), run.name)
-        try:
-            run_finetune(cfg, run.dir, resume="auto")
-        except RunFailed as exc:  # e.g. a diverging point: recorded, the sweep goes on
-            log.warning("sweep: %s failed: %s", run.name, exc)
-            failed[run.name] = str(exc)
-    return failed
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a killed sweep kills its runs
-    except OSError:
-        pass
-
-
-def _run_children(todo, config: str, sets: list[str], out: Path, parallel: int) -> dict[str, str]:
-    import torch
-
-    gpus = torch.cuda.device_count()
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    pending, running, failed = list(todo), {}, {}
-    load = {g: 0 for g in range(gpus)}  # children per GPU: a new child gets the least loaded one
-    while pending or running:
-        while pending and len(running) < parallel:
-            run, _ = pending.pop(0)
-            cmd = [sys.executable, "-m", "sdtl", "-q", "finetune", "--config", config, "--out", str(run.dir),
-                   "--resume", "auto"]
-            for item in [*sets, *run.overrides()]:
-                cmd += ["--set", item]
-            env = dict(os.environ)
-            gpu = min(load, key=lambda g: (load[g], g)) if gpus else None
-            if gpu is not None:
-                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-                load[gpu] += 1
-            log_path = logs / (run.name.replace("/", "__") + ".log")
-            with open(log_path, "a", encoding="utf-8") as fh:
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-            running[proc] = (run, log_path, gpu)
-            log.info("sweep: started %s (pid %d%s)", run.name, proc.pid, f", GPU {gpu}" if gpu is not None else "")
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            run, log_path, gpu = running.pop(proc)
-            if gpu is not None:
-                load[gpu] -= 1
-            if proc.returncode != 0:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                failed[run.name] = f"exit {proc.returncode}: {tail[0]} (log: {log_path})"
-                log.warning("sweep: %s failed: %s", run.name, failed[run.name])
-    return failed
-
-
 # ------------------------------------------------------------------------------------- reporting
-def collect(run: SweepRun) -> dict:
-    """What the tables need from a finished run: its test result and the validation value that selected it."""
-    res = json.loads((run.dir / "results.json").read_text())
-    history = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    epoch = res["selected"]["epoch"]
-    at_selected = next((r for r in history if r.get("epoch") == epoch), {})
-    return {"test": res[METRIC], "test_last": res["last"][METRIC], "test_mean_class": res["mean_class_acc"],
-            "val": at_selected.get(VAL_METRIC, float("nan")), "epoch": epoch, "history": history}
+METRICS = {"val": lambda c: c["val"], "test": lambda c: c["test"], "test_last": lambda c: c["test_last"],
+           "test_mean_class": lambda c: c["test_mean_class"]}
 
 
-def _stat(values: list[float]) -> dict:
-    m, s = mean_std(values)
-    return {"mean": m, "std": s, "values": values}
-
-
-def summarise(runs: list[SweepRun], grid: dict, seeds: int, failed: dict[str, str], out: Path) -> dict:
-    rows = []
-    for key, group in itertools.groupby(runs, key=lambda r: point_name(r.point)):
-        group = list(group)
-        done = [(r, collect(r)) for r in group if is_finished(r)]
-        rows.append({
-            "point": group[0].point, "name": key, "runs": len(group), "finished": len(done),
-            "failed": {r.name: failed[r.name] for r in group if r.name in failed},
-            "seeds": [r.seed for r, _ in done],
-            "val": _stat([c["val"] for _, c in done]), "test": _stat([c["test"] for _, c in done]),
-            "test_last": _stat([c["test_last"] for _, c in done]),
-            "test_mean_class": _stat([c["test_mean_class"] for _, c in done]),
-            "dirs": [str(r.dir.relative_to(out)) for r, _ in done],
-        })
-    eligible = [i for i, r in enumerate(rows) if r["finished"] == r["runs"] and not math.isnan(r["val"]["mean"])]
-    best = max(eligible, key=lambda i: (rows[i]["val"]["mean"], -i)) if eligible else None
-    for i, row in enumerate(rows):
+def summarise(runs: list[core.RunSpec], grid: dict, seeds: int, failed: dict[str, str], out: Path) -> dict:
+    """Per grid point: mean ± std over seeds of the validation value that selected each run's checkpoint
+    and of its test results; the best point on validation (complete points only) is marked."""
+    by = (lambda r: point_name(r.point))
+    rows = core.summarise(runs, METRICS, by=by, failed=failed, root=out)
+    table = []
+    for key, group in core.group_runs(runs, by).items():
+        row = rows[key]
+        table.append({"point": group[0].point, "name": key, "runs": row["runs"], "finished": row["finished"],
+                      "failed": row["failed"], "seeds": row["seeds"],
+                      **{k: row[k] for k in METRICS}, "dirs": row["dirs"]})
+    eligible = [i for i, r in enumerate(table) if r["finished"] == r["runs"] and not math.isnan(r["val"]["mean"])]
+    best = max(eligible, key=lambda i: (table[i]["val"]["mean"], -i)) if eligible else None
+    for i, row in enumerate(table):
         row["best_on_val"] = i == best
-    return {"grid": grid, "seeds": seeds, "points": rows, "best": rows[best]["point"] if best is not None else None,
+    return {"grid": grid, "seeds": seeds, "points": table, "best": table[best]["point"] if best is not None else None,
+            "num_classes": core.num_classes_of(runs),
             "selection": "highest mean validation video acc@1 over seeds (ties: the first point in grid order); "
                          "test is reported beside it, never used to choose"}
 
 
-def fmt(stat: dict) -> str:
-    if not stat["values"]:
-        return "—"
-    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+fmt = core.fmt
 
 
 def render_markdown(summary: dict, command: str) -> str:
@@ -340,9 +201,7 @@ def _number(text: str) -> float | None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from sdtl.studies.demo import _plt, _save
-
-    plt = _plt()
+    plt = plots.pyplot()
     keys = list(summary["grid"])
     x_key, others = keys[0], keys[1:]
     xs_text = summary["grid"][x_key]
@@ -369,50 +228,85 @@ def plot(summary: dict, path: Path) -> None:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(xs_text)), xs_text)
+        plots.chance_line(ax, summary.get("num_classes"))
         ax.set_xlabel(x_key)
         ax.set_title(title)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 # ------------------------------------------------------------------------------------ entry point
 def run_sweep(config: str, grid_items: list[str], seeds: int, out: str | Path, sets: list[str] | None = None,
               dry_run: bool = False, parallel: int = 1, extend: bool = False, command: str | None = None) -> dict | None:
-    from sdtl.engine.runlock import RunLock
-
     out = Path(out)
     sets = list(sets or [])
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1 (the sweep runs seeds 0..N-1)")
-    if parallel < 1:
-        raise UserError(f"--parallel {parallel}: must be >= 1")
+    executor = core.make_executor("sweep", parallel, out)
     grid = parse_grid(grid_items)
-    runs = plan_runs(grid, seeds, out)
-    cfgs = build_configs(config, sets, runs)  # every config valid before anything is written
+    runs = plan_runs(grid, seeds, out, config, sets)
+    cfgs = core.build_configs(runs, "sweep")  # every config valid before anything is written
     identity = sweep_identity(config, sets, grid, seeds)
     if dry_run:
         claim(out, identity, extend)
         for run in runs:
-            state = "finished" if is_finished(run) else "partial" if run.dir.exists() else "to run"
+            state = "finished" if run.finished else "partial" if run.dir.exists() else "to run"
             print(f"{state:<9} {run.dir}")
         return None
-    claim(out, identity, extend)  # refuse before creating anything
     command = command or f"sdtl sweep --config {config} " + " ".join(
         [*(f"--grid {g}" for g in grid_items), f"--seeds {seeds}", f"--out {out}", *(f"--set {s}" for s in sets)])
-    with RunLock(out, "sweep"):
-        claim(out, identity, extend)  # again, under the lock
+    with core.study_folder(out, "sweep", lambda: claim(out, identity, extend)) as old:
+        earlier = (old or {}).get("wall_time_s")
+        earlier = {"wall_time_s": earlier, "invocations": (old or {}).get("invocations", 1)} \
+            if isinstance(earlier, (int, float)) else {}
         marker = {"identity": identity, "command": command, "config": config, "sets": sets}
-        atomic_write_text(out / MARKER, json.dumps(marker, indent=2) + "\n")
+        core.write_json(out / MARKER, {**marker, **earlier})
         t0 = time.perf_counter()
-        failed = execute(runs, cfgs, config, sets, out, parallel)
+        failed = core.run_all(runs, cfgs, executor, "sweep")
         summary = summarise(runs, grid, seeds, failed, out)
-        summary.update(marker, wall_time_s=time.perf_counter() - t0)
-        atomic_write_text(out / "sweep.md", render_markdown(summary, command))
+        # wall time adds up over the invocations that ran this sweep's runs
+        summary.update(marker, **core.accumulate_wall_time(earlier, {"wall_time_s": time.perf_counter() - t0}))
+        core.write_text(out / "sweep.md", render_markdown(summary, command))
         plot(summary, out / "sweep.png")
-        atomic_write_text(out / MARKER, json.dumps(summary, indent=2, default=str) + "\n")
+        core.write_json(out / MARKER, summary)
     print(render_markdown(summary, command))
     return summary
+
+
+# --------------------------------------------------------------------------------------- the CLI
+def _cmd(args) -> int:
+    import shlex
+
+    run_sweep(args.config, args.grid, args.seeds, args.out, sets=args.overrides, dry_run=args.dry_run,
+              parallel=args.parallel, extend=args.extend,
+              command=shlex.join(["sdtl", *getattr(args, "argv", [])]))
+    return 0
+
+
+def register(sub) -> None:
+    from sdtl.cli import _add_set
+
+    p = sub.add_parser("sweep", help="a grid over config keys x seeds (e.g. a lambda sweep), mean ± std table",
+                       description="Run the product of the --grid values x seeds 0..N-1 as ordinary fine-tuning runs "
+                                   "in OUT/runs/<point>/seed<k>. Re-running the same command skips finished runs and "
+                                   "resumes unfinished ones. Writes sweep.json, sweep.md (mean ± std over seeds of the "
+                                   "validation accuracy that selected each checkpoint and of its test accuracy; the "
+                                   "best point on validation is marked) and sweep.png.",
+                       epilog="example: sdtl sweep --config ucf101_r21d_sd --grid regularizer.weight=0.1,1,10,100,1000 "
+                              "--seeds 3 --out sweeps/lambda --set data.root=/data/UCF101 "
+                              "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
+    p.add_argument("--config", required=True, metavar="NAME_OR_PATH", help="fine-tuning recipe name or YAML file")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2,...",
+                   help="a swept config key and its values (repeatable: the sweep runs the product), "
+                        "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
+    _add_set(p, "override a config key for every run, as in finetune (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    core.add_parallel_option(p)
+    p.add_argument("--extend", action="store_true",
+                   help="add values or seeds to the sweep already in --out (finished runs are reused)")
+    p.set_defaults(func=_cmd, resume_hint=core.RERUN_HINT)

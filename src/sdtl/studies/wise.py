@@ -49,6 +49,9 @@ SELECTION_RULE = ("highest validation video acc@1; ties go to the largest alpha 
 FORMULA = ("theta_alpha = (1 - alpha) * theta_0 + alpha * theta_1 for every floating-point tensor of the "
            "state dict (BatchNorm running statistics included); integer buffers from theta_1")
 OUTPUTS = ("wise.json", "wise.md", "wise.png")
+# `sdtl: interrupted; ...`: wise keeps no partial state (wise.json is written last).
+RESUME_HINT = ("nothing is kept from an interrupted evaluation (wise.json is written last); re-run the same "
+               "command")
 METRICS = ("video_acc1", "video_acc5", "clip_acc1", "clip_acc5", "mean_class_acc", "loss")
 
 
@@ -109,22 +112,27 @@ def check_same_layout(theta0: dict, theta1: dict, what: str) -> None:
                         f"θ₀ must have the fine-tuned model's arch and options")
 
 
-def load_theta0(path, model1, payload1: dict, allow_unsafe_pickle: bool = False) -> tuple[dict, dict]:
-    """θ₀'s state dict for the fine-tuned ``model1`` (from ``payload1``) and a description of it."""
+def load_theta0(path, model1, payload1: dict, allow_unsafe_pickle: bool = False,
+                source: str = "--pretrained") -> tuple[dict, dict]:
+    """θ₀'s state dict for the fine-tuned ``model1`` (from ``payload1``) and a description of it.
+
+    ``source`` names where ``path`` came from in messages and the log (``--pretrained``, or the
+    fine-tuned run's ``model.pretrained`` when no --pretrained was given).
+    """
     from sdtl.models.checkpoints import _load_encoder, build_model_from_checkpoint, detect_format, safe_load
 
-    what = f"--pretrained {path}"
+    what = f"{source} {path}"
     try:
         obj = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     except UserError as exc:
-        raise UserError(f"--pretrained {exc}") from None
+        raise UserError(f"{source} {exc}") from None
     fmt = detect_format(obj)
     if fmt == "sdtl-finetune":
         del obj
         try:
             model0, payload0 = build_model_from_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
         except UserError as exc:
-            raise UserError(f"--pretrained {exc}") from None
+            raise UserError(f"{source} {exc}") from None
         if payload0["arch"] != payload1["arch"]:
             raise UserError(f"{what}: a fine-tune checkpoint of arch {payload0['arch']!r}, but the fine-tuned "
                             f"model is {payload1['arch']!r}; θ₀ must have the same arch and options")
@@ -153,19 +161,12 @@ def select(rows: list[dict]) -> int:
     return max(range(len(rows)), key=key)
 
 
-# --------------------------------------------------------------------------------- the sweep
-def _refuse_out(out_dir: Path) -> None:
-    from sdtl.engine.runlock import is_lock_file
+# ------------------------------------------------------------------------------- the evaluation
+def claim(out_dir: Path) -> None:
+    """``--out`` must be new or empty: a report is written once, never over another (or a finished one)."""
+    from sdtl.studies import core
 
-    if (out_dir / "wise.json").exists():
-        raise UserError(f"--out {out_dir}: already holds wise.json (a finished sweep); choose another --out "
-                        f"directory")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: is a file; give a new or empty directory")
-    held = sorted(p.name for p in out_dir.iterdir() if not is_lock_file(p)) if out_dir.is_dir() else []
-    if held:
-        raise UserError(f"--out {out_dir}: not empty (holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
-                        f"sdtl wise writes only into a new or empty directory")
+    core.claim_out(out_dir, "wise", "wise.json", reuse=False)
 
 
 def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrides: list[str] | None = None,
@@ -176,20 +177,12 @@ def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrid
     Bad input raises :class:`UserError` before anything is written (and leaves no folder behind).
     """
     from sdtl.engine.runlock import rank0_lock
-    from sdtl.engine.rundir import remove_if_only_bookkeeping
+    from sdtl.studies import core
 
     alphas = check_alphas(alphas, "--alphas")
     out_dir = Path(out_dir)
-    _refuse_out(out_dir)
-    created = not out_dir.exists()
-    try:
-        with rank0_lock(out_dir, "wise"):
-            _refuse_out(out_dir)  # written by a process that held the lock before us
-            return _run_wise(Path(finetuned), out_dir, pretrained, alphas, overrides, allow_unsafe_pickle)
-    except UserError:
-        if created and out_dir.is_dir():
-            remove_if_only_bookkeeping(out_dir)
-        raise
+    with core.study_folder(out_dir, "wise", lambda: claim(out_dir), lock=rank0_lock):
+        return _run_wise(Path(finetuned), out_dir, pretrained, alphas, overrides, allow_unsafe_pickle)
 
 
 def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, allow_unsafe_pickle) -> dict:
@@ -206,15 +199,16 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
     except UserError as exc:
         raise UserError(f"--finetuned {exc}") from None
     cfg = checkpoint_config(payload, overrides)
+    source = "--pretrained"
     if pretrained is None:
-        pretrained = cfg.model.pretrained
+        pretrained, source = cfg.model.pretrained, "the fine-tuned run's model.pretrained"
         if not pretrained:
             raise UserError(f"--finetuned {finetuned}: its run started from random weights (model.pretrained "
-                            f"is null), so it has no pre-trained θ₀; pass --pretrained A (an encoder checkpoint "
+                            f"is null), so it has no pre-trained θ₀; pass --pretrained CKPT (an encoder checkpoint "
                             f"or a fine-tune checkpoint of the same arch and classes)")
     pretrained = Path(pretrained)
     theta1 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    theta0, source = load_theta0(pretrained, model, payload, allow_unsafe_pickle)
+    theta0, described = load_theta0(pretrained, model, payload, allow_unsafe_pickle, source)
 
     info = dist_utils.setup(cfg.run.device)
     try:
@@ -255,8 +249,8 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
             "method": "WiSE-FT (Wortsman et al., CVPR 2022, arXiv:2109.01903)",
             "formula": FORMULA,
             "finetuned": ckpt, "finetuned_epoch": payload.get("epoch"),
-            "pretrained": str(pretrained.resolve()), "pretrained_format": source["format"],
-            "theta0": source["theta0"],
+            "pretrained": str(pretrained.resolve()), "pretrained_format": described["format"],
+            "pretrained_from": source, "theta0": described["theta0"], "num_classes": len(classes),
             "alphas": alphas,
             "selected": {"alpha": chosen["alpha"], "rule": SELECTION_RULE,
                          "val_video_acc1": chosen["val"]["video_acc1"],
@@ -291,8 +285,11 @@ def markdown(report: dict) -> str:
         "",
         f"θ_α = (1 − α)·θ₀ + α·θ₁: {report['method']}.",
         "",
-        f"- θ₁ (α = 1): `{report['finetuned']}` (epoch {report['finetuned_epoch']})",
-        f"- θ₀ (α = 0): `{report['pretrained']}` ({report['pretrained_format']}): {report['theta0']}",
+        f"- B, the fine-tuned checkpoint (--finetuned), gives θ₁ (α = 1): `{report['finetuned']}` "
+        f"(epoch {report['finetuned_epoch']})",
+        f"- A, the pre-trained checkpoint ({report.get('pretrained_from', '--pretrained')}), gives θ₀ (α = 0): "
+        f"`{report['pretrained']}` ({report['pretrained_format']})",
+        f"- θ₀ is the {report['theta0']}",
         f"- interpolated: {report['formula']}",
         f"- selection: {report['selected']['rule']}",
         f"- validation: {val['validation_part']}, {val['views']} centre clip(s) per video",
@@ -325,9 +322,9 @@ def text_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    from sdtl.studies.demo import _plt, _save
+    from sdtl.studies import plots
 
-    plt = _plt()
+    plt = plots.pyplot()
     alphas = [r["alpha"] for r in report["results"]]
     sel = report["selected"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -338,6 +335,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axvline(sel["alpha"], color="grey", ls=":", lw=1)
     ax.scatter([sel["alpha"]], [sel["val_video_acc1"]], marker="*", s=180, color="C0", zorder=3,
                label=f"selected α = {sel['alpha']:g}")
+    plots.chance_line(ax, report.get("num_classes"))
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(0, 100)
     ax.set_xlabel("α   (0 = θ₀ pre-trained, 1 = θ₁ fine-tuned)")
@@ -346,15 +344,51 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def write_outputs(out_dir: Path, report: dict) -> None:
-    """wise.png, wise.md, then wise.json (last: its presence marks a finished sweep), each atomically."""
+    """wise.png, wise.md, then wise.json (last: its presence marks a finished evaluation), each atomically."""
     from sdtl.atomic import atomic_write_text
     from sdtl.engine.evaluate import write_json
 
     plot(report, out_dir / "wise.png")
     atomic_write_text(out_dir / "wise.md", markdown(report))
     write_json(out_dir / "wise.json", report)
+
+
+# --------------------------------------------------------------------------------------- the CLI
+def _cmd(args) -> int:
+    alphas = parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS
+    report = run_wise(args.finetuned, args.out, pretrained=args.pretrained, alphas=alphas,
+                      overrides=args.overrides, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    if report:
+        print(f"{text_table(report)}\n-> {args.out}/wise.json, wise.md, wise.png")
+    return 0
+
+
+def register(sub) -> None:
+    from sdtl.cli import _add_set
+
+    p = sub.add_parser("wise", help="WiSE-FT: evaluate weight-space ensembles of pre-trained and fine-tuned weights",
+                       description="WiSE-FT (Wortsman et al., CVPR 2022): evaluate theta_alpha = (1-alpha)*theta_0 + "
+                                   "alpha*theta_1 for each alpha on the run's validation part and on the test list "
+                                   "(protocol and dataset from the fine-tuned checkpoint; override with --set). "
+                                   "theta_1 is the fine-tuned model; theta_0 is an encoder checkpoint with the "
+                                   "fine-tuned model's head, or another fine-tune checkpoint of the same arch and "
+                                   "classes. The alpha with the best validation video acc@1 is selected (ties: the "
+                                   "largest alpha); test is reported beside it. Writes wise.json, wise.md and "
+                                   "wise.png into a new or empty --out.",
+                       epilog="example: sdtl wise --finetuned runs/r21d/checkpoints/best.pt --out runs/r21d/wise "
+                              "--alphas 0,0.25,0.5,0.75,1")
+    p.add_argument("--finetuned", required=True, metavar="CKPT", help="theta_1: a checkpoint of `sdtl finetune`")
+    p.add_argument("--pretrained", metavar="CKPT", default=None,
+                   help="theta_0: an encoder checkpoint (RSPNet, sdtl pretrain, exported) or a fine-tune "
+                        "checkpoint of the same arch and classes (default: the run's model.pretrained)")
+    p.add_argument("--alphas", metavar="A,B,...", default=None,
+                   help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
+    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
+    p.set_defaults(func=_cmd, resume_hint=RESUME_HINT)
