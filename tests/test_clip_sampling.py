@@ -290,3 +290,15 @@ def test_a_custom_sampler_needs_only_draw_and_views(tree):
     item = ClipDataset([tree[3].path], FirstFrames(), backend="pyav")[0]
     assert item["label"] == 7 and item["video"].shape == (2, 32, 48, 3) and item["num_frames_seen"] == 2
     assert isinstance(PretextSampler(PRETEXT_TASKS["speed"]([1], 4), 16), ClipSampler)
+
+
+def test_epoch_sampler_skip_resumes_the_epochs_order_once():
+    from sdtl.data.datasets import EpochSampler
+
+    s = EpochSampler(torch.utils.data.DistributedSampler(list(range(10)), num_replicas=1, rank=0, shuffle=True, seed=0))
+    s.set_epoch(2)
+    full = list(s)
+    s.skip(4)
+    assert list(s) == full[4:]  # a run resumed after 4 samples of epoch 2 sees the rest, in order
+    assert list(s) == full  # the skip applies to one pass only
+    assert all(epoch == 2 for epoch, _ in full)

@@ -281,3 +281,11 @@ def test_resume_can_extend_epochs_but_not_change_the_model(tiny_synth, tmp_path,
     changes = [json.loads(x)["changes"] for x in (out / "config_changes.jsonl").read_text().splitlines()]
     assert changes == [["optim.epochs: 1 -> 2"]]
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_acc5_is_printed_only_where_it_can_be_below_100():
+    from sdtl.engine.evaluate import accuracy_line
+
+    metrics = {"video_acc1": 40.0, "video_acc5": 100.0, "clip_acc1": 38.5, "mean_class_acc": 39.0}
+    assert "acc@5" not in accuracy_line(metrics, 5)  # top-5 of 5 classes is always right
+    assert "acc@5 100.00" in accuracy_line(metrics, 6) and "video acc@1 40.00" in accuracy_line(metrics, 6)

@@ -53,7 +53,7 @@ PLACEMENT = {
     "sdtl.engine": "engine",
     "sdtl.pretext": "components", "sdtl.data": "components", "sdtl.models": "components",
     "sdtl.regularizers": "components",
-    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base",
+    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base", "sdtl.cli_options": "base",
 }
 
 #: the only imports allowed between different component packages

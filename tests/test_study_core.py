@@ -292,7 +292,7 @@ def test_demo_seeds_never_shrink_a_folder(tmp_path, caplog):
     demo._write_marker(out, plan, 5, {"total_s": 600.0, "invocations": 1})
     listing = sorted(p.name for p in out.iterdir())
     with pytest.raises(UserError, match=r"--seeds 3: .* holds a 5-seed demo summary.*--seeds 5 or more"):
-        demo.run_demo(out, seeds=3, plan=plan)
+        demo.run_demo(out, seeds=3, plan=plan, data_dir=str(tmp_path / "none"))  # (if not refused: a fast error)
     assert sorted(p.name for p in out.iterdir()) == listing  # refused before anything was written
     marker = demo.claim(out, plan)
     assert demo._seeds_for(out, plan, None, marker) == 5  # no --seeds: the folder's seeds, not the default 3

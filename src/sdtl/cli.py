@@ -15,12 +15,8 @@ import os
 import sys
 
 from sdtl import __version__
+from sdtl.cli_options import add_set
 from sdtl.errors import ConfigError, RunInterrupted, SdtlError, UserError
-
-
-def _add_set(p: argparse.ArgumentParser, help: str) -> None:
-    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): the same option on every command that takes it."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -28,7 +24,7 @@ def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
                    help=f"{kind} recipe name (see `sdtl recipes`) or YAML file; optional with --resume "
                         f"(then the run's own config.yaml is used)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new unless --resume)")
-    _add_set(p, "override a config key (repeatable), e.g. " + (
+    add_set(p, "override a config key (repeatable), e.g. " + (
         "--set optim.lr=0.01 --set regularizer.weight=100" if kind == "finetune" else
         "--set optim.epochs=40 --set task.strides=[1,2,4,8]"))
     p.add_argument("--resume", metavar="auto|PATH",
@@ -67,9 +63,9 @@ def cmd_finetune(args) -> int:
     cfg = _load_run_config(args, "finetune")
     results = run_finetune(cfg, args.out, resume=args.resume)
     if results:
-        print(f"video acc@1 {results['video_acc1']:.2f}  acc@5 {results['video_acc5']:.2f}  "
-              f"clip acc@1 {results['clip_acc1']:.2f}  mean-class {results['mean_class_acc']:.2f}  "
-              f"-> {args.out}/results.json")
+        from sdtl.engine.evaluate import accuracy_line
+
+        print(f"{accuracy_line(results, len(results['per_class_acc']))} -> {args.out}/results.json")
     return 0
 
 
@@ -85,11 +81,11 @@ def cmd_pretrain(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from sdtl.engine.evaluate import evaluate_checkpoint
+    from sdtl.engine.evaluate import accuracy_line
 
     res = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.allow_unsafe_pickle)
     if res:
-        print(f"video acc@1 {res['video_acc1']:.2f}  acc@5 {res['video_acc5']:.2f}  clip acc@1 "
-              f"{res['clip_acc1']:.2f}  mean-class {res['mean_class_acc']:.2f}  -> {args.out}/results.json")
+        print(f"{accuracy_line(res, len(res['per_class_acc']))} -> {args.out}/results.json")
     return 0
 
 
@@ -163,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--set eval.crops=3")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="an sdtl fine-tuning checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="where results.json and confusion.png go")
-    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 "
+    add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 "
                 "--set eval.num_clips=10 --set eval.crops=3")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")

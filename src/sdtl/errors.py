@@ -37,6 +37,9 @@ class ConfigError(UserError):
         self.key, self.problem, self.hint = key, problem, hint
         super().__init__(f"config key {key}: {problem}" + (f"; {hint}" if hint else ""))
 
+    def __reduce__(self):  # survives pickling (a DataLoader worker hands its exception back pickled)
+        return type(self), (self.key, self.problem, self.hint)
+
 
 class DataError(UserError):
     """A dataset file, list or folder that cannot be used (``path``)."""
@@ -45,6 +48,9 @@ class DataError(UserError):
         super().__init__(message)
         self.path = path
 
+    def __reduce__(self):
+        return type(self), (str(self), self.path)
+
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used (``path``)."""
@@ -52,6 +58,9 @@ class CheckpointError(UserError):
     def __init__(self, message: str, path=None) -> None:
         super().__init__(message)
         self.path = path
+
+    def __reduce__(self):
+        return type(self), (str(self), self.path)
 
 
 class RunFailed(SdtlError):
@@ -75,3 +84,6 @@ class RunInterrupted(SdtlError):
     def __init__(self, message: str, checkpoint=None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+
+    def __reduce__(self):
+        return type(self), (str(self), self.checkpoint)

@@ -395,18 +395,26 @@ def build_dataset(name: str, root, split: int = 1, subset: str = "train", lists_
 
 class EpochSampler(torch.utils.data.Sampler):
     """Wraps an index sampler with ``set_epoch`` (e.g. ``DistributedSampler``) and yields
-    ``(epoch, index)`` pairs, so persistent DataLoader workers draw each epoch's own augmentation."""
+    ``(epoch, index)`` pairs, so persistent DataLoader workers draw each epoch's own augmentation.
+
+    :meth:`skip` drops the first ``n`` indices of the next pass: a run resumed inside an epoch
+    continues that epoch's sample order where it stopped."""
 
     def __init__(self, sampler) -> None:
         self.sampler = sampler
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
 
+    def skip(self, n: int) -> None:
+        self._skip = int(n)
+
     def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.sampler)
+        skip, self._skip = self._skip, 0
+        return ((self.epoch, int(i)) for k, i in enumerate(self.sampler) if k >= skip)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -261,10 +261,16 @@ def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_d
         write_json(out_dir / "results.json", {k: v for k, v in results.items() if k != "_failed"})
         plot_confusion(sel.confusion, list(classes), out_dir / "confusion.png",
                        f"video-level confusion (epoch {sel_epoch}, acc@1 {metrics['video_acc1']:.1f}%)")
-        log.info("test (selected, epoch %d): video acc@1 %.2f acc@5 %.2f | clip acc@1 %.2f | mean-class %.2f",
-                 sel_epoch, metrics["video_acc1"], metrics["video_acc5"], metrics["clip_acc1"],
-                 metrics["mean_class_acc"])
+        log.info("test (selected, epoch %d): %s", sel_epoch, accuracy_line(metrics, len(classes)))
     return results
+
+
+def accuracy_line(metrics: dict, num_classes: int) -> str:
+    """``video acc@1 … | clip acc@1 … | mean-class …`` (acc@5 only with more than 5 classes, where it
+    can be below 100)."""
+    acc5 = f" acc@5 {metrics['video_acc5']:.2f}" if num_classes > 5 else ""
+    return (f"video acc@1 {metrics['video_acc1']:.2f}{acc5} | clip acc@1 {metrics['clip_acc1']:.2f} | "
+            f"mean-class {metrics['mean_class_acc']:.2f}")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,

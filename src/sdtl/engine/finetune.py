@@ -46,7 +46,7 @@ from sdtl.engine.callbacks import (Checkpoints, EpochLine, ForgettingDiagnostics
 from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
 from sdtl.engine.evaluate import final_test, make_eval_loader
 from sdtl.engine.loop import Loop, prepare_training
-from sdtl.engine.reporting import REG_PARTS, RunLog
+from sdtl.engine.reporting import RunLog
 from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
@@ -133,6 +133,14 @@ class ClassificationTask(Task):
     # would otherwise compute its attention anew.
 
 
+def epoch_line_keys() -> list[str]:
+    """What the epoch line prints (every registered regularizer's loss part included)."""
+    from sdtl.regularizers.registry import metric_parts
+
+    return ["train_loss", "train_ce", *metric_parts(), "val_video_acc1", "feat_drift", "retention_acc",
+            "clips_per_s", "data_wait"]
+
+
 def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | None = None) -> dict | None:
     """Run a whole fine-tuning job; returns the results dict on rank 0 (None on other ranks)."""
     return run_in_process_group(cfg, _run, out_dir, resume)
@@ -180,8 +188,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
                  *([ForgettingDiagnostics(probe)] if probe is not None else []),
                  Selection(), RunLogger(run_log),
                  Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes),
-                 EpochLine(lambda: ["train_loss", "train_ce", *REG_PARTS, "val_video_acc1", "feat_drift",
-                                    "retention_acc", "clips_per_s", "data_wait"])]
+                 EpochLine(epoch_line_keys)]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], train_ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from sdtl.atomic import atomic_savefig, atomic_write_text
@@ -67,27 +66,6 @@ class RunLog:
             self.writer.close()
 
 
-class _RegParts(Sequence):
-    """metrics.jsonl keys of the registered regularizers' penalties (``train_<part>``), read from
-    :func:`sdtl.regularizers.registry.metric_parts` at every use (a regularizer registered later is
-    included)."""
-
-    def __getitem__(self, index):
-        return metric_parts()[index]
-
-    def __len__(self) -> int:
-        return len(metric_parts())
-
-    def __iter__(self):
-        return iter(metric_parts())
-
-    def __repr__(self) -> str:
-        return repr(metric_parts())
-
-
-REG_PARTS = _RegParts()
-
-
 def plot_curves(history: list[dict], path: Path) -> None:
     if not history or not any(_is_number(v) for r in history for k, v in r.items() if k != "epoch"):
         return
@@ -97,23 +75,29 @@ def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
+    # (title, y-axis label, keys, fixed y range): accuracies keep 0-100 so that a few points of
+    # change do not look like a collapse
     panels = [
-        ("training loss", ["train_loss", "train_ce", *metric_parts()]),
-        ("pretext accuracy (%)", ["train_acc"]),  # pre-training runs
-        ("validation accuracy (%)", ["val_video_acc1", "val_clip_acc1"]),
-        ("forgetting (relative drift)", ["feat_drift", "epoch_drift", "param_drift"]),
-        ("pre-trained skill kept (%)", ["retention_acc"]),
-        ("learning rate", ["lr"]),
+        ("training loss", "loss (mean per step)", ["train_loss", "train_ce", *metric_parts()], None),
+        ("pretext accuracy (%)", "accuracy (%)", ["train_acc"], (0, 100)),  # pre-training runs
+        ("validation accuracy (%)", "accuracy (%)", ["val_video_acc1", "val_clip_acc1"], (0, 100)),
+        ("forgetting (relative drift)", "relative drift (0 = unchanged)", ["feat_drift", "epoch_drift", "param_drift"],
+         None),
+        ("pre-trained skill kept (%)", "retention accuracy (%)", ["retention_acc"], (0, 100)),
+        ("learning rate", "learning rate", ["lr"], None),
     ]
     series = {key: [(e, r[key]) for e, r in zip(epochs, history) if _is_number(r.get(key))]
-              for _, keys in panels for key in keys}
-    panels = [(title, [k for k in keys if series[k]]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]  # every panel drawn has data
+              for _, _, keys, _ in panels for key in keys}
+    panels = [(title, ylabel, [k for k in keys if series[k]], ylim) for title, ylabel, keys, ylim in panels]
+    panels = [panel for panel in panels if panel[2]]  # every panel drawn has data
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    for ax, (title, ylabel, keys, ylim) in zip(axes[0], panels):
         for key in keys:
             ax.plot(*zip(*series[key]), marker="o", ms=3, label=key)
         ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -15,32 +15,6 @@ from sdtl.engine.optim import use_fused
 from sdtl.errors import ConfigError, RunFailed
 
 
-class ResumableSampler:
-    """:class:`~sdtl.data.datasets.EpochSampler` that can start an epoch part-way: :meth:`skip` drops the
-    first ``n`` indices of the next pass (a run resumed inside an epoch continues its sample order)."""
-
-    def __init__(self, sampler) -> None:
-        from sdtl.data.datasets import EpochSampler
-
-        self.inner = EpochSampler(sampler)
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def skip(self, n: int) -> None:
-        self._skip = int(n)
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        for i, item in enumerate(self.inner):
-            if i >= skip:
-                yield item
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
 def make_train_loader(dataset, data_cfg, info, seed: int):
     """Shuffled, sharded (DDP) training loader; every rank gets a distinct part of each epoch.
 
@@ -49,10 +23,10 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
     epoch still draws its own clips and crops, and it can start an epoch part-way (resume). Batches
     land in pinned memory on CUDA, for ``non_blocking`` copies.
     """
-    from sdtl.data.datasets import collate_clips
+    from sdtl.data.datasets import EpochSampler, collate_clips
 
-    sampler = ResumableSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
-                                                                   rank=info.rank, shuffle=True, seed=seed))
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size,
+                                                               rank=info.rank, shuffle=True, seed=seed))
     workers = data_cfg.workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=data_cfg.batch_size, sampler=sampler,
                                          num_workers=workers, collate_fn=collate_clips,

@@ -241,7 +241,7 @@ def _cmd(args) -> int:
 
 
 def register(sub) -> None:
-    from sdtl.cli import _add_set
+    from sdtl.cli_options import add_set
 
     p = sub.add_parser("compare", help="self-distillation vs L2-SP, DELTA, BSS, LP-FT, ... on the embedded benchmark",
                        description="Fine-tune the shipped pre-trained encoder on the embedded synthetic benchmark with "
@@ -260,6 +260,6 @@ def register(sub) -> None:
                    help="SGD learning rate for every method (default 0.01: where plain fine-tuning forgets, see docs/compare.md)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="reuse a dataset written by `sdtl synth --preset small` (default: generate into OUT/data)")
-    _add_set(p, "override a key of the benchmark recipe (synthetic_small) for every run, e.g. --set optim.epochs=6")
+    add_set(p, "override a key of the benchmark recipe (synthetic_small) for every run, e.g. --set optim.epochs=6")
     core.add_parallel_option(p)
     p.set_defaults(func=_cmd, resume_hint=core.RERUN_HINT)

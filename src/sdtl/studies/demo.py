@@ -109,7 +109,7 @@ def _seeds_for(out: Path, plan: DemoPlan, seeds: int | None, marker: dict | None
     recorded = _recorded_seeds(out, plan, marker)
     if seeds is None:
         return max(plan.seeds, recorded)
-    if False:
+    if seeds < recorded:
         raise UserError(f"--seeds {seeds}: {out} already holds a {recorded}-seed demo summary; fewer seeds would "
                         f"replace it with a smaller one. Nothing was changed: pass --seeds {recorded} or more "
                         f"(or leave --seeds out) to reuse its runs, or choose another --out")

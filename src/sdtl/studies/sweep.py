@@ -287,7 +287,7 @@ def _cmd(args) -> int:
 
 
 def register(sub) -> None:
-    from sdtl.cli import _add_set
+    from sdtl.cli_options import add_set
 
     p = sub.add_parser("sweep", help="a grid over config keys x seeds (e.g. a lambda sweep), mean ± std table",
                        description="Run the product of the --grid values x seeds 0..N-1 as ordinary fine-tuning runs "
@@ -304,7 +304,7 @@ def register(sub) -> None:
                         "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
-    _add_set(p, "override a config key for every run, as in finetune (repeatable)")
+    add_set(p, "override a config key for every run, as in finetune (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     core.add_parallel_option(p)
     p.add_argument("--extend", action="store_true",

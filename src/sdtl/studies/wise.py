@@ -368,7 +368,7 @@ def _cmd(args) -> int:
 
 
 def register(sub) -> None:
-    from sdtl.cli import _add_set
+    from sdtl.cli_options import add_set
 
     p = sub.add_parser("wise", help="WiSE-FT: evaluate weight-space ensembles of pre-trained and fine-tuned weights",
                        description="WiSE-FT (Wortsman et al., CVPR 2022): evaluate theta_alpha = (1-alpha)*theta_0 + "
@@ -388,7 +388,7 @@ def register(sub) -> None:
     p.add_argument("--alphas", metavar="A,B,...", default=None,
                    help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
-    _add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
+    add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
     p.set_defaults(func=_cmd, resume_hint=RESUME_HINT)
