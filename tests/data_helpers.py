@@ -64,3 +64,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def clip_tree(root: Path):
+    """4 good videos (two classes, one shorter than a 16-frame clip; H.264 and MPEG-4, MP4 and AVI) and
+    3 undecodable ones (empty, text, truncated): ``(good_records, bad_records)``."""
+    from sdtl.data.datasets import VideoRecord
+    from sdtl.data.video_io import write_video
+
+    good = []
+    for i, (n, codec, ext) in enumerate([(40, "libx264", ".mp4"), (30, "mpeg4", ".avi"), (10, "mpeg4", ".avi"),
+                                         (36, "libx264", ".avi")]):
+        path = write_video(root / f"good{i}{ext}", numbered_frames(n, 32, 48, offset=100 * (i % 2)),
+                           codec=codec, gop=8)
+        good.append(VideoRecord(path, i % 2, path.name))
+    (root / "zero.avi").touch()
+    (root / "text.avi").write_text("not a video")
+    (root / "trunc.avi").write_bytes(good[1].path.read_bytes()[:200])
+    return good, [VideoRecord(root / n, 0, n) for n in ("zero.avi", "text.avi", "trunc.avi")]

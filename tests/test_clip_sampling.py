@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_helpers import numbered_frames
+from data_helpers import clip_tree
 
 from sdtl.data.datasets import (
     MAX_REPLACEMENTS,
     NO_LABEL,
     ClipDataset,
     VideoClipDataset,
-    VideoRecord,
     collate_clips,
     sample_generator,
 )
@@ -32,7 +31,7 @@ from sdtl.data.sampling import (
     sample_train_clip,
 )
 from sdtl.data.transforms import test_transform, train_transform
-from sdtl.data.video_io import VideoDecodeError, open_video, write_video
+from sdtl.data.video_io import VideoDecodeError, open_video
 from sdtl.errors import UserError
 from sdtl.pretext import PRETEXT_TASKS
 from sdtl.pretext.dataset import PretextClipDataset, PretextSampler
@@ -41,17 +40,7 @@ from sdtl.pretext.dataset import PretextClipDataset, PretextSampler
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """4 good videos (two classes, one shorter than a clip) and 3 undecodable ones, bad first."""
-    root = tmp_path_factory.mktemp("clips")
-    good = []
-    for i, (n, codec, ext) in enumerate([(40, "libx264", ".mp4"), (30, "mpeg4", ".avi"), (10, "mpeg4", ".avi"),
-                                         (36, "libx264", ".avi")]):
-        path = write_video(root / f"good{i}{ext}", numbered_frames(n, 32, 48, offset=100 * (i % 2)),
-                           codec=codec, gop=8)
-        good.append(VideoRecord(path, i % 2, path.name))
-    (root / "zero.avi").touch()
-    (root / "text.avi").write_text("not a video")
-    (root / "trunc.avi").write_bytes(good[1].path.read_bytes()[:200])
-    bad = [VideoRecord(root / n, 0, n) for n in ("zero.avi", "text.avi", "trunc.avi")]
+    good, bad = clip_tree(tmp_path_factory.mktemp("clips"))
     return bad + good
 
 

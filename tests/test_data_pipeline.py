@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from data_helpers import numbered_frames, read_number
+from data_helpers import clip_tree, numbered_frames, read_number
 
 from sdtl.data import transforms as TR
 from sdtl.data.corrupt import CorruptVideoTracker, TooManyCorruptVideos, check_failures
 from sdtl.data.datasets import VideoClipDataset, VideoRecord, collate_clips, stratified_split
 from sdtl.data.sampling import sample_test_clips, sample_train_clip
-from sdtl.data.video_io import write_video
 from sdtl.errors import RunFailed, UserError
 
 
@@ -103,18 +102,7 @@ def test_test_transform_centre_and_three_crops():
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """4 good videos (two classes, one shorter than a clip) and 3 undecodable ones."""
-    root = tmp_path_factory.mktemp("clips")
-    records = []
-    for i, (n, codec, ext) in enumerate([(40, "libx264", ".mp4"), (30, "mpeg4", ".avi"), (10, "mpeg4", ".avi"),
-                                         (36, "libx264", ".avi")]):
-        path = write_video(root / f"good{i}{ext}", numbered_frames(n, 32, 48, offset=100 * (i % 2)),
-                           codec=codec, gop=8)
-        records.append(VideoRecord(path, i % 2, path.name))
-    (root / "zero.avi").touch()
-    (root / "text.avi").write_text("not a video")
-    (root / "trunc.avi").write_bytes(records[1].path.read_bytes()[:200])
-    bad = [VideoRecord(root / n, 0, n) for n in ("zero.avi", "text.avi", "trunc.avi")]
-    return records, bad
+    return clip_tree(tmp_path_factory.mktemp("clips"))
 
 
 def test_train_items_are_deterministic_per_seed_epoch_index(tree):

@@ -289,3 +289,21 @@ def test_acc5_is_printed_only_where_it_can_be_below_100():
     metrics = {"video_acc1": 40.0, "video_acc5": 100.0, "clip_acc1": 38.5, "mean_class_acc": 39.0}
     assert "acc@5" not in accuracy_line(metrics, 5)  # top-5 of 5 classes is always right
     assert "acc@5 100.00" in accuracy_line(metrics, 6) and "video acc@1 40.00" in accuracy_line(metrics, 6)
+
+
+def test_no_progress_bars_into_a_redirected_log(monkeypatch):
+    import io
+
+    from sdtl.engine.runtime import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a file or a pipe: the epoch lines are the log
+    assert progress(10, "epoch 1/2", enabled=True).disable
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = progress(10, "epoch 1/2", enabled=True)
+    assert not bar.disable
+    bar.close()
+    assert progress(10, "epoch 1/2", enabled=False).disable  # run.progress=false still wins

@@ -171,18 +171,35 @@ def _as_version_1(payload: dict) -> dict:
     return old
 
 
-def test_a_version_1_checkpoint_resumes_to_the_same_weights(tiny_synth, tiny_encoder, reference, tmp_path):
+class _Crash(BaseException):
+    """Stands for a kill: nothing in the engine catches it."""
+
+
+def test_a_version_1_checkpoint_resumes_to_the_same_weights(tiny_synth, tiny_encoder, reference, tmp_path,
+                                                             monkeypatch):
     from sdtl.engine.config import load_config
     from sdtl.engine.finetune import run_finetune
+    from sdtl.engine.loop import Loop
     from sdtl.models.checkpoints import save_checkpoint
 
     out = tmp_path / "run"
-    sets = [f"data.root={tiny_synth}", f"model.pretrained={tiny_encoder}", "run.threads=1",
-            "regularizer.snapshot_every=3", "model.dropout=0.5", "data.workers=0", "run.deterministic=true"]
-    run_finetune(load_config("synthetic_tiny", [*sets, "optim.epochs=2"]), out)
+    cfg = load_config("synthetic_tiny", [f"data.root={tiny_synth}", f"model.pretrained={tiny_encoder}",
+                                         "optim.epochs=3", "run.threads=1", "regularizer.snapshot_every=3",
+                                         "model.dropout=0.5", "data.workers=0", "run.deterministic=true"])
+    real_epoch = Loop.train_epoch
+
+    def stop_before_epoch_3(self, epoch):  # the run dies at the end of epoch 2 (its checkpoint written)
+        if epoch == 3:
+            raise _Crash
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Loop, "train_epoch", stop_before_epoch_3)
+    with pytest.raises(_Crash):
+        run_finetune(cfg, out)
+    monkeypatch.setattr(Loop, "train_epoch", real_epoch)
     last = out / "checkpoints" / "last.pt"
-    save_checkpoint(_as_version_1(load(last)), last)
-    assert load(last)["version"] == 1
-    (out / "results.json").unlink()
-    run_finetune(load_config("synthetic_tiny", [*sets, "optim.epochs=3"]), out, resume="auto")
+    save_checkpoint(_as_version_1(load(last)), last)  # as sdtl wrote it before the one-layout change
+    assert load(last)["version"] == 1 and load(last)["epoch"] == 2
+    run_finetune(cfg, out, resume="auto")
     assert_same_weights(load(last)["model"], load(reference[0] / "checkpoints" / "last.pt")["model"], "v1 resume")
+    assert learning_record(out) == learning_record(reference[0])

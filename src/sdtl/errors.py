@@ -41,26 +41,21 @@ class ConfigError(UserError):
         return type(self), (self.key, self.problem, self.hint)
 
 
-class DataError(UserError):
+class _PathError(UserError):
+    def __init__(self, message: str, path=None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # survives pickling with its path
+        return type(self), (str(self), self.path)
+
+
+class DataError(_PathError):
     """A dataset file, list or folder that cannot be used (``path``)."""
 
-    def __init__(self, message: str, path=None) -> None:
-        super().__init__(message)
-        self.path = path
 
-    def __reduce__(self):
-        return type(self), (str(self), self.path)
-
-
-class CheckpointError(UserError):
+class CheckpointError(_PathError):
     """A checkpoint file that cannot be used (``path``)."""
-
-    def __init__(self, message: str, path=None) -> None:
-        super().__init__(message)
-        self.path = path
-
-    def __reduce__(self):
-        return type(self), (str(self), self.path)
 
 
 class RunFailed(SdtlError):

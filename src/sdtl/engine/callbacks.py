@@ -16,6 +16,7 @@ import logging
 import time
 
 from sdtl.atomic import atomic_copy
+from sdtl.engine.evaluate import evaluate
 
 log = logging.getLogger("sdtl.finetune")
 
@@ -41,8 +42,6 @@ class Validation(Callback):
         self.loader, self.num_classes, self.batch_size = loader, num_classes, batch_size
 
     def on_epoch_end(self, loop, record: dict) -> None:
-        from sdtl.engine.evaluate import evaluate
-
         cfg, epoch = loop.cfg, record["epoch"]
         if self.loader is None or not (epoch % cfg.eval.every == 0 or epoch == cfg.optim.epochs):
             return

@@ -64,7 +64,7 @@ def make_eval_loader(dataset, clips_per_forward: int, info: DistInfo, workers: i
         num_workers=workers, collate_fn=collate_clips, pin_memory=info.device.type == "cuda",
         # Evaluation items do not depend on the epoch, so the workers can live across validations
         # (re-spawning them every epoch cost more than validating a small set).
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))  # not the global RNG
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtl.data.corrupt import check_failures
 from sdtl.data.video_io import decoder_identity
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
@@ -51,6 +52,7 @@ from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
 from sdtl.models.classifier import FeaturesAndLogits, model_options
+from sdtl.regularizers.registry import metric_parts
 
 log = logging.getLogger("sdtl.finetune")
 
@@ -135,8 +137,6 @@ class ClassificationTask(Task):
 
 def epoch_line_keys() -> list[str]:
     """What the epoch line prints (every registered regularizer's loss part included)."""
-    from sdtl.regularizers.registry import metric_parts
-
     return ["train_loss", "train_ce", *metric_parts(), "val_video_acc1", "feat_drift", "retention_acc",
             "clips_per_s", "data_wait"]
 
@@ -204,8 +204,6 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
 
 
 def _final_test(cfg, model, test_ds, classes, out_dir, info, best, counts) -> dict | None:
-    from sdtl.data.corrupt import check_failures
-
     results = final_test(cfg, model, test_ds, classes, out_dir, info, best, counts)
     if info.is_main and results is not None:
         check_failures(results.pop("_failed"), skip=cfg.eval.skip_corrupt)

@@ -30,11 +30,16 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from sdtl.data.corrupt import CorruptVideoTracker
+from sdtl.data.video_io import ProbeCache
+from sdtl.engine import config as cfgmod
+from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
-from sdtl.engine.optim import optimizer_step
-from sdtl.engine.runtime import (EpochMeter, amp_dtype, check_finite, progress, restore_rng, seed_everything,
-                                 to_memory_format)
-from sdtl.errors import RunInterrupted
+from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
+from sdtl.engine.rundir import record_config_changes
+from sdtl.engine.runtime import (EpochMeter, amp_dtype, check_finite, make_train_loader, maybe_compile, progress,
+                                 restore_rng, runtime_settings, seed_everything, to_memory_format)
+from sdtl.errors import RunInterrupted, UserError
 
 log = logging.getLogger("sdtl.loop")
 
@@ -105,26 +110,25 @@ class Loop:
 
     # ----------------------------------------------------------------------------- the run
     def fit(self) -> None:
-        cfg, info = self.cfg, self.info
-        restore_before = self.resumed is not None and not self.state.mid_epoch and cfg.data.workers == 0
-        if restore_before:
+        if self.resumed is not None:
             self._restore_rng()
-        first = self.state.epoch + 1
         with self.stop:
-            for epoch in range(first, cfg.optim.epochs + 1):
-                restore_after = self.resumed is not None and not restore_before and epoch == first
-                record = self.train_epoch(epoch, restore_rng_after_iter=restore_after)
+            for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
+                record = self.train_epoch(epoch)
                 self.end_epoch(epoch, record)
-                if self.stop.requested(info):
+                if self.stop.requested(self.info):
                     self._stopped(epoch, None)
 
     def _restore_rng(self) -> None:
-        """The RNG as the checkpoint left it (rank 0's); other ranks get their own stream from it."""
+        """The RNG as the checkpoint left it (rank 0's); other ranks get their own stream from it.
+
+        Data loaders draw from their own generators (:func:`sdtl.engine.runtime.make_train_loader`), so
+        the global stream (dropout) continues exactly where the checkpoint was written."""
         restore_rng(self.resumed["rng"])
         if self.info.rank:
             seed_everything(self.cfg.run.seed + self.info.rank + 1000003 * self.state.epoch + self.state.step_in_epoch)
 
-    def train_epoch(self, epoch: int, restore_rng_after_iter: bool = False) -> dict:
+    def train_epoch(self, epoch: int) -> dict:
         """The optimizer steps of one epoch (from ``state.step_in_epoch`` when resuming inside it)."""
         cfg, info, task = self.cfg, self.info, self.task
         start = self.state.step_in_epoch
@@ -141,10 +145,7 @@ class Loop:
         lr = max(g["lr"] for g in self.optimizer.param_groups)  # the base lr (layer-wise decay lowers the others)
         bar = progress(len(self.loader), f"{self.title} {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress,
                        initial=start)
-        batches = iter(self.loader)
-        if restore_rng_after_iter:  # making the iterator draws a seed: the checkpoint's RNG comes after it
-            self._restore_rng()
-        for step, batch in enumerate(batches, start=start + 1):
+        for step, batch in enumerate(self.loader, start=start + 1):
             self.train_step(epoch, step, batch)
             bar.update(1)
             if step % 5 == 0 or step == len(self.loader):
@@ -182,8 +183,6 @@ class Loop:
 
     def _epoch_record(self, epoch: int, lr: float) -> dict:
         info = self.info
-        from sdtl.engine import distributed as dist_utils
-
         means = self.meter.means()
         means = dict(zip(means, dist_utils.all_reduce_sum(info, list(means.values()))))
         record = {"epoch": epoch, **{f"train_{k}": v / info.world_size for k, v in means.items()}}
@@ -194,8 +193,6 @@ class Loop:
         return record
 
     def end_epoch(self, epoch: int, record: dict) -> None:
-        from sdtl.engine import distributed as dist_utils
-
         self.tracker.check(force=True)  # judge the corrupt share on small datasets too
         self.scheduler.step()
         self.state.epoch, self.state.step_in_epoch = epoch, 0
@@ -238,8 +235,6 @@ class Loop:
 
     def _stopped(self, epoch: int, step: int | None) -> None:
         """A stop request: write the state (mid-epoch, or the boundary one already written) and stop."""
-        from sdtl.engine import distributed as dist_utils
-
         if step is not None:
             self.save_last()
         dist_utils.barrier(self.info)
@@ -257,13 +252,6 @@ def prepare_training(cfg, info, task, out_dir: Path, resume_path, payload: dict 
     the :class:`~sdtl.engine.state.TrainState`; ``config.yaml``; the video index shared by every
     loader of the run; the DDP / compiled module; the train loader and the corrupt-video tracker.
     """
-    from sdtl.data.corrupt import CorruptVideoTracker
-    from sdtl.data.video_io import ProbeCache
-    from sdtl.engine import config as cfgmod
-    from sdtl.engine import distributed as dist_utils
-    from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler
-    from sdtl.engine.runtime import make_train_loader, maybe_compile, runtime_settings
-
     optimizer = build_fast_optimizer(cfg, task.model.encoder, task.model.head, info.device, weight_decay=weight_decay)
     scheduler = build_scheduler(cfg.optim, optimizer)
     scaler = make_scaler(amp_dtype(cfg.optim.amp, info.device), info.device)
@@ -294,10 +282,6 @@ def prepare_training(cfg, info, task, out_dir: Path, resume_path, payload: dict 
 def restore_training(cfg, info, task, optimizer, scheduler, scaler, payload: dict, resume_path, out_dir: Path,
                      logger) -> state_mod.TrainState:
     """Load a checkpoint (any version) into the task, optimizer, scheduler and scaler."""
-    from sdtl.engine.optim import restore_scaler
-    from sdtl.engine.rundir import record_config_changes
-    from sdtl.errors import UserError
-
     state, payload = state_mod.read_checkpoint(payload)
     try:
         task.load_weights(payload)

@@ -22,12 +22,13 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
 from sdtl.engine.callbacks import Checkpoints, EpochLine, RunLogger
+from sdtl.engine.diagnostics import make_retention_probe
 from sdtl.engine.loop import Loop, prepare_training
 from sdtl.engine.reporting import RunLog
 from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
-from sdtl.models.classifier import model_options
+from sdtl.models.classifier import build_encoder, model_options
 from sdtl.pretext import PRETEXT_TASKS, PretextModel
 from sdtl.pretext.dataset import PretextClipDataset
 
@@ -84,8 +85,6 @@ def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | 
 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
-    from sdtl.models import build_encoder
-
     resume_path, payload = start_run(cfg, out_dir, resume, info, "pretrain")
     pretext = PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list_file)
@@ -125,8 +124,6 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
 def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Path) -> Path:
     """Pretext clips of the pre-training videos + the frozen pretext head, for fine-tuning's
     ``eval.retention`` (how much of the pretext skill survives fine-tuning)."""
-    from sdtl.engine.diagnostics import make_retention_probe
-
     probe = make_retention_probe(encoder_path, videos, cfg.data.size, cfg.data.backend, tuple(cfg.data.crop_area),
                                  seed=cfg.run.seed)
     probe.save(path)

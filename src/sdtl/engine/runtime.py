@@ -21,7 +21,10 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
     Workers persist across epochs (no re-fork and re-import every epoch) and prefetch
     ``data.prefetch_factor`` batches each; the sampler hands them ``(epoch, index)`` pairs, so each
     epoch still draws its own clips and crops, and it can start an epoch part-way (resume). Batches
-    land in pinned memory on CUDA, for ``non_blocking`` copies.
+    land in pinned memory on CUDA, for ``non_blocking`` copies. The loader draws its workers' seeds
+    from its own generator, never from the global RNG that dropout uses: how many iterators a process
+    made (a resumed one makes new ones; persistent workers make one) cannot shift the training's
+    random stream.
     """
     from sdtl.data.datasets import EpochSampler, collate_clips
 
@@ -32,7 +35,8 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
                                          num_workers=workers, collate_fn=collate_clips,
                                          drop_last=True, pin_memory=info.device.type == "cuda",
                                          persistent_workers=workers > 0,
-                                         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None)
+                                         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+                                         generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
         raise ConfigError("data.batch_size", f"{data_cfg.batch_size} x {info.world_size} process(es) is larger "
                           f"than the {len(dataset)} training videos", "lower data.batch_size")

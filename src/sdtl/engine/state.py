@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sdtl.engine import config as cfgmod
 from sdtl.engine.runtime import capture_rng
+from sdtl.models.checkpoints import save_checkpoint
 
 CHECKPOINT_VERSION = 2
 
@@ -85,6 +86,4 @@ def read_checkpoint(payload: dict) -> tuple[TrainState, dict]:
 
 def save(payload: dict, path: Path) -> Path:
     """Write a checkpoint atomically (a crash leaves the old file or the new one, never half of one)."""
-    from sdtl.models.checkpoints import save_checkpoint
-
     return save_checkpoint(payload, path)

@@ -352,7 +352,7 @@ def plot_forgetting(records: list[dict], summary: dict, path: Path) -> None:
             ax.plot(epochs, mean, color=f"C{i}", marker="o", ms=2.5, label=SHORT[method].format(w=summary["sd_weight"]))
             ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
     axes[0].set_title("feature drift from the pre-trained encoder", fontsize=9)
-    axes[0].set_ylabel("‖f_t − f_0‖² / ‖f_0‖²")
+    axes[0].set_ylabel(r"feature drift $\Vert f_t - f_0 \Vert^2 / \Vert f_0 \Vert^2$")
     axes[1].set_title("pre-trained skill kept: frozen pretext head accuracy", fontsize=9)
     axes[1].set_ylabel("playback-speed accuracy (%)")
     plots.chance_line(axes[1], PRETEXT_CLASSES)
