@@ -310,3 +310,32 @@ def test_demo_seeds_never_shrink_a_folder(tmp_path, caplog):
     assert demo._earlier_wall_time(out, plan, marker) == {"total_s": 99.0}
     with pytest.raises(UserError, match="4-seed"):
         demo._seeds_for(out, plan, 2, marker)
+
+
+def test_a_child_stopped_on_request_stops_the_study_and_its_other_runs(tmp_path):
+    import sys
+    import time
+
+    class Scripted(core.RunSpec):
+        def __init__(self, name, code):
+            super().__init__(name, tmp_path / name, "synthetic_tiny", [], 0)
+            self.code = code
+
+        def command(self):
+            return [sys.executable, "-c", self.code]
+
+    ready = tmp_path / "other-is-running"
+    # exits as a run does after SIGTERM/SIGUSR1 (once the other run is up)
+    stopped = Scripted("stopped", f"import pathlib, sys, time\nwhile not pathlib.Path({str(ready)!r}).exists():\n"
+                                  f"    time.sleep(0.01)\nsys.exit(75)")
+    # the other child must get SIGTERM (its state written) instead of being left behind or counted as failed
+    marker = tmp_path / "other-saved-its-state"
+    other = Scripted("other", "import pathlib, signal, sys, time\n"
+                              f"def stop(*a):\n    pathlib.Path({str(marker)!r}).touch()\n    sys.exit(75)\n"
+                              f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(ready)!r}).touch()\n"
+                              "time.sleep(60)")
+    t0 = time.monotonic()
+    with pytest.raises(core.RunInterrupted, match="stopped"):
+        core.SubprocessPool("test", 2, tmp_path / "logs", 0.1).run([other, stopped])
+    assert marker.exists()  # the other run got SIGTERM and was waited for (it writes its state then)
+    assert time.monotonic() - t0 < 30

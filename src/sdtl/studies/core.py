@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtl.errors import RunFailed, UserError
+from sdtl.errors import RunFailed, RunInterrupted, UserError
 
 log = logging.getLogger("sdtl.studies")
 
@@ -230,6 +230,14 @@ class SubprocessPool(Executor):
         gpus = torch.cuda.device_count()
         self.logs.mkdir(parents=True, exist_ok=True)
         pending, running, failed = list(todo), {}, {}
+        try:
+            self._run(pending, running, failed, gpus, subprocess)
+        except KeyboardInterrupt:
+            _stop_children(running)  # each writes its state after its current step; then re-run the study
+            raise
+        return failed
+
+    def _run(self, pending, running, failed, gpus, subprocess) -> None:
         load = {g: 0 for g in range(gpus)}  # children per GPU: a new child gets the least loaded one
         while pending or running:
             while pending and len(running) < self.parallel:
@@ -251,11 +259,28 @@ class SubprocessPool(Executor):
                 spec, log_path, gpu = running.pop(proc)
                 if gpu is not None:
                     load[gpu] -= 1
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                if proc.returncode == RunInterrupted.exit_code:  # stopped on request: so is the study
+                    _stop_children(running)
+                    raise RunInterrupted(f"{self.study}: {spec.name} was stopped ({tail[0]})")
                 if proc.returncode != 0:
-                    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
                     failed[spec.name] = f"exit {proc.returncode}: {tail[0]} (log: {log_path})"
                     log.warning("%s: %s failed: %s", self.study, spec.name, failed[spec.name])
-        return failed
+
+
+def _stop_children(running: dict, timeout_s: float = 300.0) -> None:
+    """Ask running child runs to stop (SIGTERM: each finishes its step and writes its state), and wait."""
+    import signal
+    import subprocess
+
+    for proc in running:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def add_parallel_option(p) -> None:
