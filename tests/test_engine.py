@@ -307,3 +307,13 @@ def test_no_progress_bars_into_a_redirected_log(monkeypatch):
     assert not bar.disable
     bar.close()
     assert progress(10, "epoch 1/2", enabled=False).disable  # run.progress=false still wins
+
+
+def test_a_pretrain_config_refused_at_setup_leaves_no_run_folder(tiny_synth, tmp_path):
+    from sdtl.engine.pretrain import run_pretrain
+
+    out = tmp_path / "pre"
+    cfg = load_config("synthetic_tiny_pretrain", [f"data.root={tiny_synth}", "data.batch_size=1000"], kind="pretrain")
+    with pytest.raises(UserError, match="data.batch_size"):
+        run_pretrain(cfg, out)
+    assert not out.exists()  # a second try with a fixed batch size is not refused as "already holds a run"

@@ -203,3 +203,35 @@ def test_a_version_1_checkpoint_resumes_to_the_same_weights(tiny_synth, tiny_enc
     run_finetune(cfg, out, resume="auto")
     assert_same_weights(load(last)["model"], load(reference[0] / "checkpoints" / "last.pt")["model"], "v1 resume")
     assert learning_record(out) == learning_record(reference[0])
+
+
+def test_ddp_killed_inside_an_epoch_resumes_bit_exact(tiny_synth, tiny_encoder, tmp_path):
+    """Two gloo ranks: each rank's RNG (dropout), epoch meter and position come back from the checkpoint."""
+    from data_helpers import free_port
+
+    def torchrun(out: Path, *extra, resume: bool = False) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", "-m", "sdtl", "-q",
+                *finetune_args(tiny_synth, tiny_encoder, out, "data.batch_size=2", "data.workers=0", *extra),
+                *(["--resume", "auto"] if resume else [])]
+
+    ref = tmp_path / "ref"
+    subprocess.run(torchrun(ref), env=ENV, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(out, "run.checkpoint_every_steps=1"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while (mid_epoch_position(out) or (0, 0))[0] < 1:  # inside epoch 2
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    proc.wait()
+    killed_at = mid_epoch_position(out)
+    assert killed_at is not None and killed_at[1] > 0
+    ckpt = load(out / "checkpoints" / "last.pt")
+    assert len(ckpt["ranks"]) == 2 and not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
+    subprocess.run(torchrun(out, "run.checkpoint_every_steps=1", resume=True), env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    assert_same_weights(load(out / "checkpoints" / "last.pt")["model"], load(ref / "checkpoints" / "last.pt")["model"],
+                        f"DDP killed at {killed_at}")
+    assert learning_record(out) == learning_record(ref)

@@ -339,3 +339,32 @@ def test_a_child_stopped_on_request_stops_the_study_and_its_other_runs(tmp_path)
         core.SubprocessPool("test", 2, tmp_path / "logs", 0.1).run([other, stopped])
     assert marker.exists()  # the other run got SIGTERM and was waited for (it writes its state then)
     assert time.monotonic() - t0 < 30
+
+
+def test_sigterm_to_a_parallel_study_stops_its_children_with_their_state(tmp_path):
+    import os
+    import signal
+    import sys
+    import threading
+
+    ready, marker = tmp_path / "child-is-running", tmp_path / "child-saved-its-state"
+
+    class Scripted(core.RunSpec):
+        def command(self):
+            return [sys.executable, "-c", "import pathlib, signal, sys, time\n"
+                    f"def stop(*a):\n    pathlib.Path({str(marker)!r}).touch()\n    sys.exit(75)\n"
+                    f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)"]
+
+    def scheduler_stops_the_study():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # what Slurm or `kill PID` does to the study process
+
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=scheduler_stops_the_study, daemon=True).start()
+    with pytest.raises(core.RunInterrupted, match="SIGTERM"):
+        core.SubprocessPool("test", 2, tmp_path / "logs", 0.05).run([Scripted("a", tmp_path / "a", "x", [], 0)])
+    assert marker.exists()  # the child was asked to stop and waited for, not killed with the study
+    assert signal.getsignal(signal.SIGTERM) is before  # the study's handler is gone again

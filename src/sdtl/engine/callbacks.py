@@ -108,8 +108,8 @@ class Checkpoints(Callback):
         global_step = (epoch - 1) * len(loop.loader) + step
         due = (self.every_steps and global_step % self.every_steps == 0) or \
               (self.every_minutes and time.monotonic() - self._saved >= 60 * self.every_minutes)
-        if due:
-            loop.save_last()
+        if due:  # the loop agrees over ranks, then every rank takes part in the write
+            loop.checkpoint_due = True
             self._saved = time.monotonic()
 
     def on_epoch_end(self, loop, record: dict) -> None:

@@ -37,8 +37,8 @@ from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
 from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
 from sdtl.engine.rundir import record_config_changes
-from sdtl.engine.runtime import (EpochMeter, amp_dtype, check_finite, make_train_loader, maybe_compile, progress,
-                                 restore_rng, runtime_settings, seed_everything, to_memory_format)
+from sdtl.engine.runtime import (EpochMeter, amp_dtype, capture_rng, check_finite, make_train_loader, maybe_compile,
+                                 progress, restore_rng, runtime_settings, seed_everything, to_memory_format)
 from sdtl.errors import RunInterrupted, UserError
 
 log = logging.getLogger("sdtl.loop")
@@ -71,17 +71,20 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(s, handler)
         self._previous.clear()
 
-    def requested(self, info) -> bool:
-        """Whether any rank was asked to stop (all ranks then stop at the same step)."""
-        flag = self.signum is not None
+    def requested(self, info, checkpoint_due: bool = False) -> tuple[bool, bool]:
+        """``(stop, checkpoint)``, agreed by every rank in one reduction: any rank asked to stop, any
+        rank's checkpoint is due (a time-based one is decided by one clock). All ranks then stop or
+        write at the same step (a checkpoint gathers every rank's state)."""
+        flags = [self.signum is not None, checkpoint_due]
         if info.enabled:
-            t = torch.tensor([float(flag)], device=info.device)
+            t = torch.tensor([float(f) for f in flags], device=info.device)
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+            flags = [bool(v) for v in t.tolist()]
+        return flags[0], flags[1]
 
     @property
     def name(self) -> str:
@@ -104,6 +107,7 @@ class Loop:
         self.last_path = self.out_dir / "checkpoints" / "last.pt"
         self.meter = EpochMeter()
         self.improved = False  # set by selection at an epoch end; read by the checkpoint callback
+        self.checkpoint_due = False  # set by the checkpoint callback after a step
         self.stop = StopRequest()
         self.run_clock = time.perf_counter()
         self.epochs_this_process = 0
@@ -116,17 +120,24 @@ class Loop:
             for epoch in range(self.state.epoch + 1, self.cfg.optim.epochs + 1):
                 record = self.train_epoch(epoch)
                 self.end_epoch(epoch, record)
-                if self.stop.requested(self.info):
+                if self.stop.requested(self.info)[0]:
                     self._stopped(epoch, None)
 
     def _restore_rng(self) -> None:
-        """The RNG as the checkpoint left it (rank 0's); other ranks get their own stream from it.
+        """Every rank's RNG as the checkpoint left it (checkpoints store each rank's).
 
         Data loaders draw from their own generators (:func:`sdtl.engine.runtime.make_train_loader`), so
-        the global stream (dropout) continues exactly where the checkpoint was written."""
-        restore_rng(self.resumed["rng"])
-        if self.info.rank:
+        the global stream (dropout) continues exactly where the checkpoint was written. A checkpoint
+        from another number of processes (or an old one) gives rank 0's state and a derived seed to
+        the others."""
+        own = self._own_rank_state()
+        restore_rng(own["rng"] if own else self.resumed["rng"])
+        if self.info.rank and not own:
             seed_everything(self.cfg.run.seed + self.info.rank + 1000003 * self.state.epoch + self.state.step_in_epoch)
+
+    def _own_rank_state(self) -> dict | None:
+        ranks = (self.resumed or {}).get("ranks") or []
+        return ranks[self.info.rank] if len(ranks) == self.info.world_size else None
 
     def train_epoch(self, epoch: int) -> dict:
         """The optimizer steps of one epoch (from ``state.step_in_epoch`` when resuming inside it)."""
@@ -135,14 +146,16 @@ class Loop:
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         if start:
+            self._check_same_layout(len(self.loader))
             self.sampler.skip(start * cfg.data.batch_size)
-            self._load_loop_state(self.resumed.get("loop_state") or {})
+            own = self._own_rank_state()
+            self._load_loop_state((own or {}).get("loop") or self.resumed.get("loop_state") or {})
         else:
             task.epoch_start(epoch)
             self.tracker.reset_epoch()
             self.meter = EpochMeter()
         task.train_mode(epoch)
-        lr = max(g["lr"] for g in self.optimizer.param_groups)  # the base lr (layer-wise decay lowers the others)
+        lr = task.logged_lr(self.optimizer)
         bar = progress(len(self.loader), f"{self.title} {epoch}/{cfg.optim.epochs}", info.is_main and cfg.run.progress,
                        initial=start)
         for step, batch in enumerate(self.loader, start=start + 1):
@@ -151,9 +164,13 @@ class Loop:
             if step % 5 == 0 or step == len(self.loader):
                 bar.set_postfix(self.meter.postfix(lr), refresh=False)
             self.state.step_in_epoch = step
+            self.checkpoint_due = False
             for cb in self.callbacks:
-                cb.on_step_end(self, epoch, step)
-            if self.stop.requested(info):
+                cb.on_step_end(self, epoch, step)  # the checkpoint callback sets checkpoint_due
+            stop, due = self.stop.requested(info, self.checkpoint_due)
+            if due or stop:
+                self.save_last()
+            if stop:
                 bar.close()
                 self._stopped(epoch, step)
         bar.close()
@@ -211,14 +228,34 @@ class Loop:
                                           self.scaler, loop_state, callback_state)
 
     def save_last(self) -> None:
-        """Write ``last.pt`` (rank 0)."""
+        """Write ``last.pt``: every rank calls it (each rank's RNG, epoch meter and task counters are
+        gathered), rank 0 writes."""
+        mid = self.state.mid_epoch
+        own = {"rng": capture_rng(), "loop": self._loop_state() if mid else None,
+               "task": self.task.state_dict(mid_epoch=mid)}
+        ranks = dist_utils.all_gather_objects(self.info, own)
         if self.info.is_main:
             self.last_path.parent.mkdir(parents=True, exist_ok=True)
-            state_mod.save(self.checkpoint(), self.last_path)
+            payload = self.checkpoint()
+            payload["ranks"] = ranks
+            state_mod.save(payload, self.last_path)
+
+    def _check_same_layout(self, steps_per_epoch: int) -> None:
+        """A mid-epoch position means something only with the batch size and processes that wrote it."""
+        saved = self.resumed.get("loop_state") or {}
+        now = {"batch_size": self.cfg.data.batch_size, "world_size": self.info.world_size,
+               "steps_per_epoch": steps_per_epoch}
+        was = {k: saved.get(k, v) for k, v in now.items()}
+        if was != now:
+            raise UserError(f"resume {self.last_path}: it was written inside epoch {self.state.epoch + 1} with "
+                            f"{was}, this run has {now}; resume it with the same data.batch_size and number of "
+                            f"processes (at least until that epoch ends)")
 
     def _loop_state(self) -> dict:
         m, t = self.meter, self.tracker
-        return {"meter": {"sums": dict(m.sums), "steps": m.steps, "clips": m.clips, "data_time": m.data_time,
+        return {"batch_size": self.cfg.data.batch_size, "world_size": self.info.world_size,
+                "steps_per_epoch": len(self.loader),
+                "meter": {"sums": dict(m.sums), "steps": m.steps, "clips": m.clips, "data_time": m.data_time,
                           "elapsed": m.elapsed},
                 "tracker": {"total_failures": t.total_failures, "total_samples": t.total_samples,
                             "epoch_count": t.epoch_count}}
@@ -234,9 +271,7 @@ class Loop:
             setattr(self.tracker, key, value)
 
     def _stopped(self, epoch: int, step: int | None) -> None:
-        """A stop request: write the state (mid-epoch, or the boundary one already written) and stop."""
-        if step is not None:
-            self.save_last()
+        """A stop request: the state is written (mid-epoch, or the epoch end's); stop."""
         dist_utils.barrier(self.info)
         where = f"epoch {epoch}, step {step} of {len(self.loader)}" if step is not None else f"the end of epoch {epoch}"
         raise RunInterrupted(f"training stopped by {self.stop.name} at {where}; its state is in {self.last_path}",
@@ -258,6 +293,14 @@ def prepare_training(cfg, info, task, out_dir: Path, resume_path, payload: dict 
     state = state_mod.TrainState()
     if payload is not None:
         state = restore_training(cfg, info, task, optimizer, scheduler, scaler, payload, resume_path, out_dir, logger)
+    # Everything that can refuse the config (the loader: a batch larger than the data; compile) comes
+    # before the first file of the run is written, so bad input leaves no run folder behind.
+    net = task.ddp_module()
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    net = maybe_compile(net, cfg.run, logger)
+    sampler, loader = make_train_loader(dataset, cfg.data, info, cfg.run.seed)
     if info.is_main:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         rt = runtime_settings(cfg, info.device, optimizer)
@@ -267,12 +310,6 @@ def prepare_training(cfg, info, task, out_dir: Path, resume_path, payload: dict 
                     rt["channels_last"], rt["cudnn_benchmark"], rt["fused_optimizer"], rt["compile"] or "off")
     dist_utils.barrier(info)
     dataset.probe_cache = ProbeCache(out_dir / "video_index.jsonl")  # each video probed once per run, by any worker
-    net = task.ddp_module()
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    net = maybe_compile(net, cfg.run, logger)
-    sampler, loader = make_train_loader(dataset, cfg.data, info, cfg.run.seed)
     tracker = CorruptVideoTracker(out_dir / "quarantine.txt" if info.is_main else None,
                                   max_fraction=cfg.data.max_corrupt_fraction)
     return {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "state": state, "net": net,
@@ -293,5 +330,7 @@ def restore_training(cfg, info, task, optimizer, scheduler, scaler, payload: dic
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     restore_scaler(scaler, payload.get("scaler"), logger)
-    task.load_state_dict(payload.get("task_state"))
+    ranks = payload.get("ranks") or []
+    own = ranks[info.rank] if len(ranks) == info.world_size else None
+    task.load_state_dict(own["task"] if own else payload.get("task_state"))  # counters are per rank
     return state

@@ -54,6 +54,9 @@ class PretextTask(Task):
         self.seen += len(target)
         return {"loss": self.pretext.loss(logits, target)}
 
+    def logged_lr(self, optimizer) -> float:
+        return optimizer.param_groups[0]["lr"]  # the encoder's, as pre-training has always logged it
+
     def epoch_metrics(self, info) -> dict:
         _, correct, seen = dist_utils.all_reduce_sum(info, [0.0, self.correct, self.seen])
         return {"train_acc": 100.0 * correct / max(1, seen)}

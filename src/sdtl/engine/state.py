@@ -13,7 +13,9 @@ A training checkpoint (``OUT/checkpoints/last.pt``, ``best.pt``) has one layout 
     optimizer, scheduler, scaler, rng, history, best
     task_state    the task's extra state: a regularizer's teacher or reference, counters
     callback_state  the call-outs' state, by name (the forgetting probe's previous-epoch features)
-    loop_state    mid-epoch only: the epoch's meter sums and corrupt-video counts (None at a boundary)
+    loop_state    mid-epoch only: the epoch's meter sums and corrupt-video counts, the batch size,
+                  processes and steps per epoch the position refers to (None at a boundary)
+    ranks         every rank's own RNG, epoch meter and task counters (rank 0's are also above)
 
 A checkpoint can be written after any optimizer step. Mid-epoch it also holds what is *not* the
 model at that moment (a self-distillation teacher snapshotted at the epoch start, the epoch's loss
@@ -79,6 +81,7 @@ def read_checkpoint(payload: dict) -> tuple[TrainState, dict]:
         payload.setdefault("task_state", None)
         payload.setdefault("callback_state", {})
         payload.setdefault("loop_state", None)
+        payload["version"] = CHECKPOINT_VERSION  # converted: reading it again changes nothing
     state = TrainState(epoch=int(payload["epoch"]), step_in_epoch=int(payload.get("step_in_epoch") or 0),
                        history=list(payload.get("history") or []), best=dict(payload.get("best") or {}))
     return state, payload

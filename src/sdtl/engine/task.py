@@ -40,6 +40,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def logged_lr(self, optimizer) -> float:
+        """The epoch's ``lr`` in metrics.jsonl: the base lr (layer-wise decay lowers the other groups)."""
+        return max(g["lr"] for g in optimizer.param_groups)
+
     def before_step(self, epoch: int):
         """A callable run between backward and the optimizer step (e.g. averaging gradients), or None."""
         return None

@@ -231,8 +231,9 @@ class SubprocessPool(Executor):
         self.logs.mkdir(parents=True, exist_ok=True)
         pending, running, failed = list(todo), {}, {}
         try:
-            self._run(pending, running, failed, gpus, subprocess)
-        except KeyboardInterrupt:
+            with _signals_stop_study(self.study):
+                self._run(pending, running, failed, gpus, subprocess)
+        except (KeyboardInterrupt, RunInterrupted):
             _stop_children(running)  # each writes its state after its current step; then re-run the study
             raise
         return failed
@@ -266,6 +267,29 @@ class SubprocessPool(Executor):
                 if proc.returncode != 0:
                     failed[spec.name] = f"exit {proc.returncode}: {tail[0]} (log: {log_path})"
                     log.warning("%s: %s failed: %s", self.study, spec.name, failed[spec.name])
+
+
+@contextlib.contextmanager
+def _signals_stop_study(study: str):
+    """SIGTERM / SIGUSR1 to the study (a scheduler stopping it) raise RunInterrupted in it, so that its
+    child runs are stopped with their state written instead of being killed with it."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise RunInterrupted(f"{study} stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if s is not None:
+                previous[s] = signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 def _stop_children(running: dict, timeout_s: float = 300.0) -> None:
