@@ -124,37 +124,11 @@ def test_retention_probe_file_errors_name_the_config_key(tmp_path):
         RetentionProbe.load(tmp_path / "other.pt")
 
 
-def test_curves_draw_only_panels_with_data(tmp_path):
-    """Pre-training has no validation or forgetting numbers: its curves.png used to show empty panels."""
+def _drawn_panels(history: list[dict], path) -> list:
+    """The axes ``plot_curves`` draws for ``history`` (it writes ``path`` too)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sdtl.engine import reporting
-
-    drawn = []
-    real = plt.subplots
-
-    def spy(*args, **kwargs):
-        fig, axes = real(*args, **kwargs)
-        drawn.append(axes)
-        return fig, axes
-
-    plt.subplots = spy
-    try:
-        history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 20.0 + e, "lr": 0.1} for e in (1, 2, 3)]
-        reporting.plot_curves(history, tmp_path / "curves.png")
-    finally:
-        plt.subplots = real
-    titles = [ax.get_title() for ax in drawn[0][0]]
-    assert titles == ["training loss", "pretext accuracy (%)", "learning rate"]
-    assert all(ax.lines for ax in drawn[0][0]) and (tmp_path / "curves.png").is_file()
-    assert all(ax.get_ylabel() for ax in drawn[0][0])  # every panel says what its y axis is
-
-
-def test_accuracy_panels_keep_the_full_0_100_range(tmp_path):
-    """A retention moving 89 -> 75% must not fill the panel top to bottom, as a collapse would."""
     import matplotlib.pyplot as plt
 
     from sdtl.engine import reporting
@@ -168,12 +142,27 @@ def test_accuracy_panels_keep_the_full_0_100_range(tmp_path):
 
     plt.subplots = spy
     try:
-        history = [{"epoch": e, "train_loss": 1.0, "val_video_acc1": 40.0 + e, "retention_acc": 89.0 - 7 * e,
-                    "feat_drift": 0.1 * e} for e in (0, 1, 2)]
-        reporting.plot_curves(history, tmp_path / "curves.png")
+        reporting.plot_curves(history, path)
     finally:
         plt.subplots = real
-    panels = {ax.get_title(): ax for ax in drawn[0][0]}
+    return list(drawn[0][0])
+
+
+def test_curves_draw_only_panels_with_data(tmp_path):
+    """Pre-training has no validation or forgetting numbers: its curves.png used to show empty panels."""
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 20.0 + e, "lr": 0.1} for e in (1, 2, 3)]
+    panels = _drawn_panels(history, tmp_path / "curves.png")
+    titles = [ax.get_title() for ax in panels]
+    assert titles == ["training loss", "pretext accuracy (%)", "learning rate"]
+    assert all(ax.lines for ax in panels) and (tmp_path / "curves.png").is_file()
+    assert all(ax.get_ylabel() for ax in panels)  # every panel says what its y axis is
+
+
+def test_accuracy_panels_keep_the_full_0_100_range(tmp_path):
+    """A retention moving 89 -> 75% must not fill the panel top to bottom, as a collapse would."""
+    history = [{"epoch": e, "train_loss": 1.0, "val_video_acc1": 40.0 + e, "retention_acc": 89.0 - 7 * e,
+                "feat_drift": 0.1 * e} for e in (0, 1, 2)]
+    panels = {ax.get_title(): ax for ax in _drawn_panels(history, tmp_path / "curves.png")}
     assert panels["pre-trained skill kept (%)"].get_ylim() == (0, 100)
     assert panels["validation accuracy (%)"].get_ylim() == (0, 100)
     assert panels["forgetting (relative drift)"].get_ylim() != (0, 100)  # drifts keep their own scale
