@@ -667,7 +667,7 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
 
 
 _METADATA_KEYS = (
-    "sdtl_format", "version", "arch", "arch_options", "task", "num_classes", "class_names", "epoch",
+    "sdtl_format", "version", "arch", "arch_options", "task", "num_classes", "class_names", "epoch", "step_in_epoch",
     "best_loss", "best_acc", "best_metric", "metrics",
 )  # fmt: skip
 
