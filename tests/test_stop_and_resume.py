@@ -224,8 +224,18 @@ def test_ddp_killed_inside_an_epoch_resumes_bit_exact(tiny_synth, tiny_encoder, 
     while (mid_epoch_position(out) or (0, 0))[0] < 1:  # inside epoch 2
         assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    # torchrun starts its ranks in sessions of their own: kill them (and what they started), then torchrun
+    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for pid in ranks:  # the ranks are gone before anything resumes (no orphan finishes the run meanwhile)
+        deadline = time.time() + 30
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            assert time.time() < deadline, f"rank process {pid} survived SIGKILL"
+            time.sleep(0.05)
     killed_at = mid_epoch_position(out)
     assert killed_at is not None and killed_at[1] > 0
     ckpt = load(out / "checkpoints" / "last.pt")
