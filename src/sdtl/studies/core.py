@@ -227,18 +227,22 @@ class SubprocessPool(Executor):
 
         import torch
 
+        from sdtl.engine.loop import StopRequest
+
         gpus = torch.cuda.device_count()
         self.logs.mkdir(parents=True, exist_ok=True)
         pending, running, failed = list(todo), {}, {}
         try:
-            with _signals_stop_study(self.study):
-                self._run(pending, running, failed, gpus, subprocess)
+            # SIGINT / SIGTERM / SIGUSR1 to the study (Ctrl-C, a scheduler) stop it the way they stop a
+            # run: its children are asked to stop and write their state, instead of dying with it.
+            with StopRequest() as stop:
+                self._run(pending, running, failed, gpus, subprocess, stop)
         except (KeyboardInterrupt, RunInterrupted):
             _stop_children(running)  # each writes its state after its current step; then re-run the study
             raise
         return failed
 
-    def _run(self, pending, running, failed, gpus, subprocess) -> None:
+    def _run(self, pending, running, failed, gpus, subprocess, stop) -> None:
         load = {g: 0 for g in range(gpus)}  # children per GPU: a new child gets the least loaded one
         while pending or running:
             while pending and len(running) < self.parallel:
@@ -256,6 +260,8 @@ class SubprocessPool(Executor):
                 log.info("%s: started %s (pid %d%s)", self.study, spec.describe(), proc.pid,
                          f", GPU {gpu}" if gpu is not None else "")
             time.sleep(self.poll_s)
+            if stop.signum is not None:
+                raise RunInterrupted(f"{self.study} stopped by {stop.name}")
             for proc in [p for p in running if p.poll() is not None]:
                 spec, log_path, gpu = running.pop(proc)
                 if gpu is not None:
@@ -267,29 +273,6 @@ class SubprocessPool(Executor):
                 if proc.returncode != 0:
                     failed[spec.name] = f"exit {proc.returncode}: {tail[0]} (log: {log_path})"
                     log.warning("%s: %s failed: %s", self.study, spec.name, failed[spec.name])
-
-
-@contextlib.contextmanager
-def _signals_stop_study(study: str):
-    """SIGTERM / SIGUSR1 to the study (a scheduler stopping it) raise RunInterrupted in it, so that its
-    child runs are stopped with their state written instead of being killed with it."""
-    import signal
-    import threading
-
-    def stop(signum, frame):
-        raise RunInterrupted(f"{study} stopped by {signal.Signals(signum).name}")
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if s is not None:
-                previous[s] = signal.signal(s, stop)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            if handler is not None:
-                signal.signal(s, handler)
 
 
 def _stop_children(running: dict, timeout_s: float = 300.0) -> None:
