@@ -64,7 +64,7 @@ def build_classifier(cfg, num_classes: int, load_pretrained: bool = True):
     return model, report
 
 
-def _probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7919):
+def probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7919):
     """A fixed batch of centre clips from training videos (the same for every epoch and resume) and
     their labels: ``(clips [N, C, T, H, W], labels [N])``."""
     from sdtl.data.datasets import VideoClipDataset
@@ -108,7 +108,7 @@ def build_run_regularizer(cfg, model, train_ds, classes, task_state, info) -> Re
                                   f"resume with the run's own config") from exc
     elif reg.start_clips:
         t0 = time.perf_counter()
-        clips, labels = _probe_clips(cfg, train_ds, classes, count=reg.start_clips, salt=104729)
+        clips, labels = probe_clips(cfg, train_ds, classes, count=reg.start_clips, salt=104729)
         done = reg.start(clips, labels, len(classes), batch_size=cfg.data.batch_size, seed=cfg.run.seed)
         if info.is_main and done:
             log.info("%s in %.1f s", done, time.perf_counter() - t0)

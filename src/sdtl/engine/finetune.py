@@ -41,7 +41,7 @@ from sdtl.data.corrupt import check_failures
 from sdtl.data.video_io import decoder_identity
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
-from sdtl.engine.build import _probe_clips, build_classifier, build_datasets, build_run_regularizer, describe_method
+from sdtl.engine.build import build_classifier, build_datasets, build_run_regularizer, describe_method, probe_clips
 from sdtl.engine.callbacks import (Checkpoints, EpochLine, ForgettingDiagnostics, RunLogger, Selection,
                                    Validation)
 from sdtl.engine.diagnostics import ForgettingProbe, RetentionProbe
@@ -155,7 +155,8 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     seed_everything(cfg.run.seed + info.rank)
     reg = build_run_regularizer(cfg, model, train_ds, classes,
                                 None if payload is None else (payload["task_state"] or {}), info)
-    if reg is not None and reg.replaces_weight_decay and cfg.optim.weight_decay and info.is_main:
+    replaces_weight_decay = reg is not None and reg.replaces_weight_decay
+    if replaces_weight_decay and cfg.optim.weight_decay and info.is_main:
         log.info("optimizer weight decay off (was %g): the %s penalty regularizes the weights instead",
                  cfg.optim.weight_decay, cfg.regularizer.name)
     task = ClassificationTask(cfg, model, reg, classes, info)
@@ -166,7 +167,7 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
                         "to match, pass --set data.backend=%s", resume_path, trained_with,
                         decoder_identity(cfg.data.backend), trained_with.split()[0])
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, train_ds, log,
-                             weight_decay=0.0 if reg is not None and reg.replaces_weight_decay else None,
+                             weight_decay=0.0 if replaces_weight_decay else None,
                              decoder=decoder_identity(cfg.data.backend))
     for ds in (val_ds, test_ds):
         if ds is not None:
@@ -222,7 +223,7 @@ def _forgetting_probe(cfg, model, train_ds, classes, out_dir: Path, info, payloa
             return None, None
         prev = (payload["callback_state"].get("forgetting") or {}).get("prev_features")
         return ForgettingProbe.load(probe_path, prev, retention), None
-    clips = _probe_clips(cfg, train_ds, classes)[0] if cfg.eval.probe_videos > 0 else torch.empty(0)
+    clips = probe_clips(cfg, train_ds, classes)[0] if cfg.eval.probe_videos > 0 else torch.empty(0)
     probe = ForgettingProbe.build(model.encoder, clips, info.device, retention)
     if info.is_main:
         probe.save(probe_path)

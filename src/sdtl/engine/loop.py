@@ -37,7 +37,7 @@ from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
 from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
 from sdtl.engine.rundir import record_config_changes
-from sdtl.engine.runtime import (EpochMeter, amp_dtype, capture_rng, check_finite, make_train_loader, maybe_compile,
+from sdtl.engine.runtime import (EpochMeter, amp_dtype, check_finite, make_train_loader, maybe_compile,
                                  progress, restore_rng, runtime_settings, seed_everything, to_memory_format)
 from sdtl.errors import RunInterrupted, UserError
 
@@ -130,14 +130,10 @@ class Loop:
         the global stream (dropout) continues exactly where the checkpoint was written. A checkpoint
         from another number of processes (or an old one) gives rank 0's state and a derived seed to
         the others."""
-        own = self._own_rank_state()
+        own = state_mod.own_rank_entry(self.resumed, self.info)
         restore_rng(own["rng"] if own else self.resumed["rng"])
         if self.info.rank and not own:
             seed_everything(self.cfg.run.seed + self.info.rank + 1000003 * self.state.epoch + self.state.step_in_epoch)
-
-    def _own_rank_state(self) -> dict | None:
-        ranks = (self.resumed or {}).get("ranks") or []
-        return ranks[self.info.rank] if len(ranks) == self.info.world_size else None
 
     def train_epoch(self, epoch: int) -> dict:
         """The optimizer steps of one epoch (from ``state.step_in_epoch`` when resuming inside it)."""
@@ -148,7 +144,7 @@ class Loop:
         if start:
             self._check_same_layout(len(self.loader))
             self.sampler.skip(start * cfg.data.batch_size)
-            own = self._own_rank_state()
+            own = state_mod.own_rank_entry(self.resumed, self.info)
             self._load_loop_state((own or {}).get("loop") or self.resumed.get("loop_state") or {})
         else:
             task.epoch_start(epoch)
@@ -220,24 +216,16 @@ class Loop:
         dist_utils.barrier(self.info)
 
     # ------------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> dict:
-        """The checkpoint payload of this moment (boundary or mid-epoch)."""
-        loop_state = self._loop_state() if self.state.mid_epoch else None
-        callback_state = {cb.name: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
-        return state_mod.build_checkpoint(self.cfg, self.task, self.state, self.optimizer, self.scheduler,
-                                          self.scaler, loop_state, callback_state)
-
     def save_last(self) -> None:
-        """Write ``last.pt``: every rank calls it (each rank's RNG, epoch meter and task counters are
-        gathered), rank 0 writes."""
-        mid = self.state.mid_epoch
-        own = {"rng": capture_rng(), "loop": self._loop_state() if mid else None,
-               "task": self.task.state_dict(mid_epoch=mid)}
+        """Write ``last.pt``: every rank calls it (each rank's own RNG, epoch state and task rank state
+        are gathered: a few small tensors, never the model), rank 0 writes."""
+        own = state_mod.rank_entry(self.task, self._loop_state() if self.state.mid_epoch else None)
         ranks = dist_utils.all_gather_objects(self.info, own)
         if self.info.is_main:
+            callback_state = {cb.name: s for cb in self.callbacks if (s := cb.state_dict()) is not None}
+            payload = state_mod.build_checkpoint(self.cfg, self.task, self.state, self.optimizer, self.scheduler,
+                                                 self.scaler, callback_state, ranks)
             self.last_path.parent.mkdir(parents=True, exist_ok=True)
-            payload = self.checkpoint()
-            payload["ranks"] = ranks
             state_mod.save(payload, self.last_path)
 
     def _check_same_layout(self, steps_per_epoch: int) -> None:
@@ -330,7 +318,6 @@ def restore_training(cfg, info, task, optimizer, scheduler, scaler, payload: dic
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     restore_scaler(scaler, payload.get("scaler"), logger)
-    ranks = payload.get("ranks") or []
-    own = ranks[info.rank] if len(ranks) == info.world_size else None
-    task.load_state_dict(own["task"] if own else payload.get("task_state"))  # counters are per rank
+    task.load_state_dict(payload.get("task_state"))
+    task.load_rank_state((state_mod.own_rank_entry(payload, info) or {}).get("task"))
     return state

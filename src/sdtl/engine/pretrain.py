@@ -74,10 +74,10 @@ class PretextTask(Task):
         self.model.encoder.load_state_dict(payload["encoder"])
         self.model.head.load_state_dict(payload["head"])
 
-    def state_dict(self, mid_epoch: bool) -> dict | None:
-        return {"correct": self.correct, "seen": self.seen} if mid_epoch else None
+    def rank_state(self) -> dict:
+        return {"correct": self.correct, "seen": self.seen}
 
-    def load_state_dict(self, state: dict | None) -> None:
+    def load_rank_state(self, state: dict | None) -> None:
         if state:
             self.correct, self.seen = int(state["correct"]), int(state["seen"])
 

@@ -15,7 +15,8 @@ A training checkpoint (``OUT/checkpoints/last.pt``, ``best.pt``) has one layout 
     callback_state  the call-outs' state, by name (the forgetting probe's previous-epoch features)
     loop_state    mid-epoch only: the epoch's meter sums and corrupt-video counts, the batch size,
                   processes and steps per epoch the position refers to (None at a boundary)
-    ranks         every rank's own RNG, epoch meter and task counters (rank 0's are also above)
+    ranks         every rank's own RNG, epoch state and task rank state (rank 0's rng and loop_state
+                  are the entries above)
 
 A checkpoint can be written after any optimizer step. Mid-epoch it also holds what is *not* the
 model at that moment (a self-distillation teacher snapshotted at the epoch start, the epoch's loss
@@ -53,8 +54,11 @@ class TrainState:
 
 
 def build_checkpoint(cfg, task, state: TrainState, optimizer=None, scheduler=None, scaler=None,
-                     loop_state: dict | None = None, callback_state: dict | None = None) -> dict:
-    """The one checkpoint payload. Without an optimizer: the weights-only form (``encoder.pt``)."""
+                     callback_state: dict | None = None, ranks: list[dict] | None = None) -> dict:
+    """The one checkpoint payload. Without an optimizer: the weights-only form (``encoder.pt``).
+
+    ``ranks``: every rank's :func:`rank_entry` (gathered); rank 0's RNG and epoch state are also the
+    top-level ``rng`` and ``loop_state`` (the same objects: saved once)."""
     payload = {
         "sdtl_format": task.kind, "version": CHECKPOINT_VERSION,
         "arch": cfg.model.arch, "arch_options": task.arch_options(),
@@ -64,11 +68,24 @@ def build_checkpoint(cfg, task, state: TrainState, optimizer=None, scheduler=Non
         "history": state.history, "best": state.best,
     }
     if optimizer is not None:
+        ranks = ranks or [rank_entry(task, None)]
         payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       scaler=scaler.state_dict() if scaler is not None else None, rng=capture_rng(),
+                       scaler=scaler.state_dict() if scaler is not None else None, rng=ranks[0]["rng"],
                        task_state=task.state_dict(mid_epoch=state.mid_epoch), callback_state=callback_state or {},
-                       loop_state=loop_state)
+                       loop_state=ranks[0]["loop"], ranks=ranks)
     return payload
+
+
+def rank_entry(task, loop_state: dict | None) -> dict:
+    """What one rank stores of its own: its RNG, its epoch state (mid-epoch) and the task's rank state."""
+    return {"rng": capture_rng(), "loop": loop_state, "task": task.rank_state()}
+
+
+def own_rank_entry(payload: dict | None, info) -> dict | None:
+    """This rank's entry of a checkpoint; None for one written by another number of processes (or
+    before per-rank entries existed)."""
+    ranks = (payload or {}).get("ranks") or []
+    return ranks[info.rank] if len(ranks) == info.world_size else None
 
 
 def read_checkpoint(payload: dict) -> tuple[TrainState, dict]:

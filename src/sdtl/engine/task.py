@@ -71,8 +71,17 @@ class Task:
         raise NotImplementedError
 
     def state_dict(self, mid_epoch: bool) -> dict | None:
-        """Extra state a resumed run needs; ``mid_epoch``: written inside an epoch."""
+        """Extra state a resumed run needs, the same on every rank (a teacher, a reference);
+        ``mid_epoch``: written inside an epoch."""
         return None
+
+    def rank_state(self) -> dict | None:
+        """This rank's own running state inside an epoch (e.g. its accuracy counters); each rank's is
+        stored and comes back to it on resume."""
+        return None
+
+    def load_rank_state(self, state: dict | None) -> None:
+        """Restore :meth:`rank_state`'s output."""
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore :meth:`state_dict`'s output."""
