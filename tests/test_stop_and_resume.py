@@ -85,7 +85,13 @@ def test_kill9_at_random_moments_inside_epochs_resumes_bit_exact(tiny_synth, tin
     rng = random.Random(1234 + workers)  # the kill moments: random, but the same on every test run
     killed_at = []
     resume: list[str] = []
-    while len(killed_at) < 3:
+
+    def inside_epochs():
+        return [p for p in killed_at if p is not None and p[1] > 0]
+
+    # A kill can land just after an epoch's end was saved (position None): that resume is fine too, but it
+    # does not count; go on until three kills have landed inside epochs (3 epochs x 5 steps leave room).
+    while len(inside_epochs()) < 3 and len(killed_at) < 8:
         proc = subprocess.Popen(sdtl_cmd(*args, *resume), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         start = mid_epoch_position(out)
         deadline = time.time() + 240
@@ -102,7 +108,7 @@ def test_kill9_at_random_moments_inside_epochs_resumes_bit_exact(tiny_synth, tin
             pytest.fail(f"the run ended before a kill (killed so far at {killed_at}): "
                         f"{proc.stderr.read().decode()[-2000:]}")
         resume = ["--resume", "auto"]
-    assert all(p is not None and p[1] > 0 for p in killed_at), killed_at  # every resume starts inside an epoch
+    assert len(inside_epochs()) >= 3, killed_at  # at least three resumes start inside an epoch
     subprocess.run(sdtl_cmd(*args, "--resume", "auto"), env=ENV, check=True)
 
     ref = reference[workers]
