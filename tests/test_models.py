@@ -119,7 +119,7 @@ def test_torchvision_encoders_match_torchvision_keys_minus_fc(arch):
         # mc3_18 keeps time after its first (3-D) stage; the others halve it three times
         frames = 8 if arch == "mc3_18" else 1
         assert encoder.forward_features(x).shape == (1, 512, frames, 1, 1)
-    with pytest.raises(UserError, match="fixed width"):
+    with pytest.raises(UserError, match="model.width: not an option of model.arch"):
         build_encoder(arch, width=0.5)
 
 
@@ -149,11 +149,12 @@ def test_classifier_exposes_encoder_features_and_head():
 
 def test_factory_errors_name_the_bad_input_and_the_valid_choices():
     archs = list_archs()
-    assert set(archs) == {"c3d", "r2plus1d_vcop", "r2plus1d_18", "r3d_18", "mc3_18"}
+    assert set(archs) == {"c3d", "r2plus1d_vcop", "r2plus1d_18", "r3d_18", "mc3_18", "s3d", "mvit_v1_b", "mvit_v2_s",
+                          "swin3d_t", "swin3d_s", "swin3d_b", "videomae_vit_s", "videomae_vit_b"}
     assert all(isinstance(d, str) and d and "\n" not in d for d in archs.values())
     with pytest.raises(UserError, match=r"'resnet50'.*c3d.*r2plus1d_vcop"):
         build_encoder("resnet50")
-    with pytest.raises(UserError, match=r"depth.*valid options: width"):
+    with pytest.raises(UserError, match=r"model\.depth: not an option of model\.arch=c3d; c3d takes: model\.width"):
         build_model("c3d", 10, depth=3)
     with pytest.raises(UserError, match="num_classes"):
         build_model("c3d", 0, width=0.125)

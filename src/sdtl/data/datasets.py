@@ -558,7 +558,7 @@ class VideoClipDataset(ClipDataset):
     def __init__(self, records: list[VideoRecord], classes: list[str], mode: str = "train", clip_len: int = 16,
                  stride: int = 1, num_clips: int = 10, crops: int = 1, size: int = 112, backend: str = "auto",
                  seed: int = 0, skip_corrupt: bool = True, crop_area: tuple[float, float] = (0.25, 1.0),
-                 probe_index=None, clip_sampler: ClipSampler | None = None):
+                 probe_index=None, clip_sampler: ClipSampler | None = None, norm=None):
         if mode not in ("train", "test"):
             raise UserError(f"mode {mode!r}: use 'train' or 'test'")
         if not records:
@@ -583,8 +583,8 @@ class VideoClipDataset(ClipDataset):
         self.clip_len, self.stride, self.num_clips, self.crops, self.size = clip_len, stride, num_clips, crops, size
         self.crop_area = (float(crop_area[0]), float(crop_area[1]))
         if clip_sampler is None:
-            clip_sampler = (RandomClipSampler(clip_len, stride, size, self.crop_area) if mode == "train" else
-                            UniformClipsSampler(clip_len, stride, num_clips, size, crops))
+            clip_sampler = (RandomClipSampler(clip_len, stride, size, self.crop_area, norm) if mode == "train" else
+                            UniformClipsSampler(clip_len, stride, num_clips, size, crops, norm))
         super().__init__([r.path for r in self.records], clip_sampler, labels=[r.label for r in self.records],
                          backend=backend, seed=seed, skip_corrupt=skip_corrupt, probe_index=probe_index)
 

@@ -140,15 +140,16 @@ class RandomClipSampler(ClipSampler):
     (:func:`sample_train_clip`), then one random resized crop + flip (``crop_area``: share of the frame)."""
 
     def __init__(self, clip_len: int = 16, stride: int = 1, size: int = 112,
-                 crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
-        self.clip_len, self.stride, self.size = clip_len, stride, size
+                 crop_area: tuple[float, float] = (0.25, 1.0), norm=None) -> None:
+        self.clip_len, self.stride, self.size, self.norm = clip_len, stride, size, norm
         self.crop_area = (float(crop_area[0]), float(crop_area[1]))
 
     def draw(self, num_frames: int, generator: torch.Generator) -> ClipDraw:
         return ClipDraw((sample_train_clip(num_frames, self.clip_len, self.stride, generator),))
 
     def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
-        return {"video": train_transform(clips[0], self.size, generator=generator, scale=self.crop_area),
+        return {"video": train_transform(clips[0], self.size, generator=generator, scale=self.crop_area,
+                                         norm=self.norm),
                 "clip_index": 0}
 
 
@@ -159,14 +160,15 @@ class UniformClipsSampler(ClipSampler):
     replaces_failed = False
 
     def __init__(self, clip_len: int = 16, stride: int = 1, num_clips: int = 10, size: int = 112,
-                 crops: int = 1) -> None:
+                 crops: int = 1, norm=None) -> None:
         self.clip_len, self.stride, self.num_clips, self.size, self.crops = clip_len, stride, num_clips, size, crops
+        self.norm = norm
 
     def draw(self, num_frames: int, generator: torch.Generator) -> ClipDraw:
         return ClipDraw(tuple(sample_test_clips(num_frames, self.clip_len, self.stride, self.num_clips)))
 
     def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
-        video = torch.cat([test_transform(clip, self.size, self.crops) for clip in clips])
+        video = torch.cat([test_transform(clip, self.size, self.crops, self.norm) for clip in clips])
         return {"video": video, "clip_index": torch.arange(self.num_clips * self.crops)}
 
     def empty(self) -> dict:
@@ -184,13 +186,13 @@ class TwoClipSampler(ClipSampler):
     """
 
     def __init__(self, clip_len: int = 16, stride: int = 1, size: int = 112,
-                 crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
-        self.clip_len, self.stride, self.size = clip_len, stride, size
+                 crop_area: tuple[float, float] = (0.25, 1.0), norm=None) -> None:
+        self.clip_len, self.stride, self.size, self.norm = clip_len, stride, size, norm
         self.crop_area = (float(crop_area[0]), float(crop_area[1]))
 
     def draw(self, num_frames: int, generator: torch.Generator) -> ClipDraw:
         return ClipDraw(tuple(sample_train_clip(num_frames, self.clip_len, self.stride, generator) for _ in range(2)))
 
     def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
-        video = torch.stack([train_transform(c, self.size, generator=generator, scale=self.crop_area) for c in clips])
+        video = torch.stack([train_transform(c, self.size, generator=generator, scale=self.crop_area, norm=self.norm) for c in clips])
         return {"video": video, "clip_index": 0}

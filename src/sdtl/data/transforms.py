@@ -7,7 +7,7 @@ The recipe is RSPNet's (``shared/REFERENCE.md`` section 3):
   the clip, resized to ``size``; horizontal flip with p = 0.5; no colour jitter;
 * test: the centre square (side = min(H, W)) resized to ``size``; with ``crops=3`` also the two ends of
   the long side (left/right or top/bottom);
-* both: pixels / 255, then ImageNet mean/std.
+* both: pixels / 255, then the encoder's mean/std (``norm``; ImageNet's when not given).
 
 Every random draw comes from the ``torch.Generator`` passed in, in a fixed order (crop, then flip), so
 the same generator seed gives the same tensor on any worker -- torchvision's ``RandomResizedCrop``
@@ -61,13 +61,18 @@ def random_resized_crop_params(height: int, width: int, generator: torch.Generat
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def normalize(clip_uint8_tchw: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[T, 3, H, W]`` -> float ``[3, T, H, W]``: /255 then ImageNet mean/std."""
+Norm = tuple  # (mean, std), three floats each: the encoder's input statistics (EncoderSpec.input)
+
+
+def normalize(clip_uint8_tchw: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
+    """uint8 ``[T, 3, H, W]`` -> float ``[3, T, H, W]``: /255 then ``(x - mean) / std`` (``norm``;
+    ImageNet's statistics when None)."""
     # One strided copy does the permute and the uint8 -> float conversion (the resize leaves the
     # frames channels-last); then (x/255 - mean)/std as a single multiply-add per element.
     x = clip_uint8_tchw.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    mean, std = norm if norm is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
     return x.mul_(1 / (255 * std)).sub_(mean / std)
 
 
@@ -81,7 +86,7 @@ def _check_frames(frames: torch.Tensor) -> torch.Tensor:
 
 def train_transform(frames: torch.Tensor, size: int = 112, *, generator: torch.Generator,
                     scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    flip_p: float = 0.5) -> torch.Tensor:
+                    flip_p: float = 0.5, norm: Norm | None = None) -> torch.Tensor:
     """Random resized crop + horizontal flip + normalisation. ``[T,H,W,3]`` uint8 -> ``[3,T,S,S]``."""
     if not isinstance(generator, torch.Generator):
         raise TypeError("train_transform needs an explicit torch.Generator")
@@ -92,7 +97,7 @@ def train_transform(frames: torch.Tensor, size: int = 112, *, generator: torch.G
     x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
     if flip:
         x = TF.horizontal_flip(x)
-    return normalize(x)
+    return normalize(x, norm)
 
 
 def test_crop_boxes(height: int, width: int, crops: int = 1) -> list[tuple[int, int, int]]:
@@ -108,11 +113,11 @@ def test_crop_boxes(height: int, width: int, crops: int = 1) -> list[tuple[int, 
     return [(0, 0, side), centre, (height - side, 0, side)]
 
 
-def test_transform(frames: torch.Tensor, size: int = 112, crops: int = 1) -> torch.Tensor:
+def test_transform(frames: torch.Tensor, size: int = 112, crops: int = 1, norm: Norm | None = None) -> torch.Tensor:
     """Square crop(s) resized to ``size`` + normalisation. ``[T,H,W,3]`` uint8 -> ``[crops,3,T,S,S]``."""
     x = _check_frames(frames)
     TF = _tf()
-    views = [normalize(TF.resized_crop(x, top, left, side, side, [size, size], antialias=True))
+    views = [normalize(TF.resized_crop(x, top, left, side, side, [size, size], antialias=True), norm)
              for top, left, side in test_crop_boxes(x.shape[-2], x.shape[-1], crops)]
     return torch.stack(views)
 

@@ -29,7 +29,8 @@ def build_datasets(cfg, need_train: bool = True):
     if not root.is_dir():
         raise ConfigError("data.root", f"{d.root} {'is not a folder' if root.exists() else 'does not exist'}",
                           "point it at the dataset folder (the one holding the class folders)")
-    common = dict(clip_len=d.clip_len, stride=d.stride, size=d.size, backend=d.backend, seed=cfg.run.seed)
+    common = dict(clip_len=d.clip_len, stride=d.stride, size=d.size, backend=d.backend, seed=cfg.run.seed,
+                  norm=(tuple(d.mean), tuple(d.std)))
     test_records, classes = list_records(d.dataset, d.root, split=d.split, subset="test",
                                          lists_dir=d.lists_dir, on_missing=d.on_missing)
     test = VideoClipDataset(test_records, classes, mode="test", num_clips=cfg.eval.num_clips,
@@ -57,11 +58,24 @@ def build_classifier(cfg, num_classes: int, load_pretrained: bool = True):
     from sdtl.models.checkpoints import load_encoder_weights
 
     model = build_model(cfg.model.arch, num_classes, **model_options(cfg))
+    use_grad_checkpointing(cfg, model.encoder)
     report = None
     if load_pretrained and cfg.model.pretrained:
         report = load_encoder_weights(model.encoder, cfg.model.pretrained, cfg.model.arch,
                                       allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     return model, report
+
+
+def use_grad_checkpointing(cfg, encoder) -> None:
+    """``model.grad_checkpointing``: activation checkpointing per transformer block (the encoder's
+    ``set_grad_checkpointing``, as timm's); it acts only in training forwards with gradients, so a frozen
+    teacher (no autograd) never pays for it."""
+    if not cfg.model.grad_checkpointing:
+        return
+    if not hasattr(encoder, "set_grad_checkpointing"):
+        raise ConfigError("model.grad_checkpointing", f"model.arch={cfg.model.arch} has no transformer blocks to "
+                          "checkpoint", "set it to false (only the transformer encoders support it)")
+    encoder.set_grad_checkpointing(True)
 
 
 def probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 7919):
@@ -74,7 +88,7 @@ def probe_clips(cfg, train_ds, classes, count: int | None = None, salt: int = 79
     chosen = [train_ds.records[i] for i in order[: cfg.eval.probe_videos if count is None else count]]
     ds = VideoClipDataset(chosen, classes, mode="test", num_clips=1, crops=1, clip_len=cfg.data.clip_len,
                           stride=cfg.data.stride, size=cfg.data.size, backend=cfg.data.backend,
-                          seed=cfg.run.seed, skip_corrupt=True)
+                          seed=cfg.run.seed, skip_corrupt=True, norm=(tuple(cfg.data.mean), tuple(cfg.data.std)))
     items = [ds[i] for i in range(len(ds))]
     items = [it for it in items if it["video"].shape[0] > 0]
     if not items:

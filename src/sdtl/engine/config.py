@@ -24,6 +24,7 @@ import yaml
 
 from sdtl.atomic import atomic_write_text
 from sdtl.errors import ConfigError, UserError
+from sdtl.models.spec import IMAGENET_MEAN, IMAGENET_STD
 from sdtl.regularizers import registry
 from sdtl.regularizers.section import RegularizerConfig
 
@@ -37,9 +38,11 @@ class DataConfig:
     split: int = 1  # official split 1..3
     lists_dir: str | None = None  # your own split lists instead of the shipped official ones
     on_missing: str = "error"  # error | skip: files named in the lists but absent on disk
-    clip_len: int = 16
+    clip_len: int | None = None  # frames per clip; unset = the encoder's (EncoderSpec.input)
     stride: int = 1
-    size: int = 112  # spatial crop side
+    size: int | None = None  # spatial crop side; unset = the encoder's
+    mean: list[float] | None = None  # input normalisation; unset = the encoder's (its weights' statistics)
+    std: list[float] | None = None
     crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range (train)
     val_fraction: float = 0.1  # held out of the training list for model selection (stratified)
     batch_size: int = 8  # per process; the total batch is batch_size x world size
@@ -55,6 +58,9 @@ class ModelConfig:
 
     arch: str = "r2plus1d_vcop"
     width: float = 1.0  # channel multiplier of sdtl-built encoders (1 = the reference layout)
+    variant: str = ""  # "" = the published size; "tiny" = a CPU test size of the modern encoders
+    drop_path: float = 0.0  # stochastic depth of transformer encoders (linear over depth where they do so)
+    grad_checkpointing: bool = False  # activation checkpointing per transformer block: memory for compute
     dropout: float = 0.0  # before the linear head
     pretrained: str | None = None  # encoder checkpoint (RSPNet, torchvision, sdtl pretrain, ...)
     allow_unsafe_pickle: bool = False  # load a checkpoint that needs full unpickling (trusted files only)
@@ -76,6 +82,7 @@ class OptimConfig:
     gamma: float = 0.1  # multistep factor
     warmup_epochs: int = 0  # linear warm-up from lr / (warmup_epochs + 1)
     head_lr_mult: float = 1.0  # learning-rate multiplier for the linear head
+    label_smoothing: float = 0.0  # of the cross-entropy (fine-tuning)
     lp_epochs: int = 0  # LP-FT: train the head alone (encoder frozen, BN in eval) for the first N epochs
     layer_decay: float = 1.0  # layer-wise lr decay: stage i of L gets lr * d^(L+1-i), the head lr (1 = off)
     grad_clip: float | None = None  # max gradient norm; off by default
@@ -135,8 +142,10 @@ class PretrainDataConfig:
 
     root: str = ""  # a folder searched recursively for videos, or the folder `sdtl synth` wrote
     list_file: str | None = None  # optional text file of video paths relative to root
-    clip_len: int = 16
-    size: int = 112
+    clip_len: int | None = None  # unset = the encoder's (EncoderSpec.input)
+    size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     crop_area: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random-crop area range
     batch_size: int = 16
     workers: int = 2
@@ -295,11 +304,44 @@ def absolute_paths(cfg):
 
 
 def config_from_dict(data: dict, kind: str = "finetune"):
+    """A stored config (a run's config.yaml, a checkpoint's ``config``) as a typed config."""
     data = dict(data)
     data.pop("kind", None)
     data.pop("decoder", None)
     data.pop("runtime", None)
+    stored_data = data.get("data")
+    if isinstance(stored_data, dict) and "clip_len" in stored_data and "mean" not in stored_data:
+        # written before each encoder carried its own statistics: it was trained on ImageNet's
+        stored_data = data["data"] = dict(stored_data)
+        stored_data["mean"], stored_data["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
     return from_dict(KINDS[kind], data, where="")
+
+
+def resolve_input(cfg) -> None:
+    """Fill ``data.clip_len`` / ``size`` / ``mean`` / ``std`` left unset from the encoder's spec (in place)
+    and refuse clips the encoder cannot take, naming the key and the valid values, before any decoding."""
+    from sdtl.models.registry import spec_of
+
+    if cfg.model.variant and "variant" not in _arch_options(cfg.model.arch):
+        raise ConfigError("model.variant", f"model.arch={cfg.model.arch} has no variants",
+                          "leave it empty (the published size)")
+    spec_input = spec_of(cfg.model.arch).input_of({"variant": cfg.model.variant})
+    d = cfg.data
+    d.clip_len = spec_input.frames if d.clip_len is None else d.clip_len
+    d.size = spec_input.size if d.size is None else d.size
+    d.mean = list(spec_input.mean) if d.mean is None else d.mean
+    d.std = list(spec_input.std) if d.std is None else d.std
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != 3 or (key == "data.std" and min(values) <= 0):
+            raise ConfigError(key, f"{values} is not three {'positive ' if key == 'data.std' else ''}numbers "
+                              "(R, G, B, for pixels in [0, 1])", "leave it unset for the encoder's own")
+    spec_input.check(d.clip_len, d.size, cfg.model.arch)
+
+
+def _arch_options(arch: str) -> list[str]:
+    from sdtl.models.classifier import arch_option_names
+
+    return arch_option_names(arch)
 
 
 def to_dict(cfg) -> dict:
@@ -428,6 +470,8 @@ def validate_ranges(cfg) -> None:
         if not cond:
             raise ConfigError(key, f"{msg} (got {_get(cfg, key)!r})")
 
+    resolve_input(cfg)
+
     if isinstance(cfg, FinetuneConfig):
         r = cfg.regularizer
         need(r.weight >= 0, "regularizer.weight", "must be >= 0; use 0 for plain fine-tuning")
@@ -467,6 +511,8 @@ def validate_ranges(cfg) -> None:
          "LP-FT is a fine-tuning schedule; pre-training has no linear-probe stage, leave it at 0")
     need(cfg.model.width > 0, "model.width", "must be > 0")
     need(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    need(0 <= cfg.model.drop_path < 1, "model.drop_path", "must be in [0, 1)")
+    need(0 <= o.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
 
 
 def _check_regularizer_keys(r: RegularizerConfig) -> None:

@@ -151,9 +151,11 @@ def make_retention_probe(pretrain_checkpoint: str | Path, videos: list[Path], si
 
     ckpt = torch.load(pretrain_checkpoint, map_location="cpu", weights_only=True)
     task_name, strides = ckpt["task"], ckpt["task_options"]["strides"]
-    clip_len = int(ckpt.get("config", {}).get("data", {}).get("clip_len", 16))
+    data_cfg = ckpt.get("config", {}).get("data", {})
+    clip_len = int(data_cfg.get("clip_len", 16))
+    norm = (tuple(data_cfg["mean"]), tuple(data_cfg["std"])) if data_cfg.get("mean") else None  # pre-1.x: ImageNet
     task = PRETEXT_TASKS[task_name](strides, clip_len)
-    ds = ClipDataset(list(videos), PretextSampler(task, size, crop_area), backend=backend, seed=seed + 104729)
+    ds = ClipDataset(list(videos), PretextSampler(task, size, crop_area, norm), backend=backend, seed=seed + 104729)
     per_class: dict[int, list[torch.Tensor]] = {k: [] for k in range(task.num_outputs)}
     draws = ((draw, i) for draw in range(64) for i in range(len(ds)))  # a new seeded draw per round
     for draw, i in draws:

@@ -99,7 +99,7 @@ class ClassificationTask(Task):
             logits = model.head(model.dropout(features))
         else:
             logits, features = net(clips)
-        parts = {"ce": F.cross_entropy(logits.float(), labels)}
+        parts = {"ce": F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)}
         if reg is not None:
             parts[reg.part] = reg.loss(ctx, features)
         return {"loss": sum(parts.values()), **parts}

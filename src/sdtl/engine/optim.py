@@ -10,50 +10,38 @@ from torch import nn
 from sdtl.errors import ConfigError
 
 
-def stage_of(param_name: str) -> int:
-    """Depth id of an encoder parameter for layer-wise lr decay: stem 0, stages 1..4.
-
-    sdtl's encoders name their stages by number (C3D ``conv1``/``bn1`` ... ``conv5b``, the R(2+1)D-10
-    ``conv1`` ... ``conv5``: stage = number − 1) or as torchvision (``stem``, ``layer1`` ... ``layer4``).
-    One id per stage, not per block: with one id per block a deep CNN's first layers all but freeze.
-    """
-    import re
-
-    top = param_name.split(".")[0]
-    if top == "stem":
-        return 0
-    m = re.fullmatch(r"layer(\d)", top) or re.fullmatch(r"(?:conv|bn)(\d)[a-z]?", top)
-    if m is None:
-        raise ConfigError("optim.layer_decay", f"cannot tell which stage encoder parameter {param_name!r} belongs "
-                          f"to; layer-wise decay supports sdtl's C3D / R(2+1)D and torchvision's VideoResNet "
-                          f"encoders", "set optim.layer_decay=1")
-    number = int(m.group(1))
-    return number if top.startswith("layer") else number - 1
-
-
 def build_optimizer(optim_cfg, encoder: nn.Module, head: nn.Module | None,
                     weight_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD or AdamW over the encoder (one group, or one per stage with layer-wise lr decay) and the head.
+    """SGD or AdamW over the encoder (grouped by depth with layer-wise lr decay) and the head.
 
-    Layer-wise decay (BEiT / VideoMAE, ``optim.layer_decay`` = d < 1): stage i of L gets
-    ``lr · d^(L+1−i)``, the stem ``lr · d^(L+1)``, the head ``lr`` (× ``head_lr_mult``).
+    The encoder's spec (:mod:`sdtl.models.spec`) says how its parameters group into depths
+    (``depth_of``: stem / embeddings 0, then one id per CNN stage or per transformer block) and which get
+    no weight decay (``no_weight_decay``: a transformer's norms, biases, position embeddings and class
+    tokens; nothing for the CNNs). Layer-wise decay (BEiT / VideoMAE, ``optim.layer_decay`` = d < 1):
+    depth i of L gets ``lr · d^(L+1−i)``; parameters of depth None (VideoMAE's ``fc_norm``) the full
+    ``lr``, the head ``lr`` × ``head_lr_mult``.
     ``weight_decay`` overrides the config's (regularizers that replace weight decay pass 0).
     ``fused``: one fused kernel for the whole step (CUDA; see :func:`use_fused`).
     """
+    from sdtl.models.registry import spec_of_encoder
+
+    spec = spec_of_encoder(encoder)
     wd = optim_cfg.weight_decay if weight_decay is None else weight_decay
-    params = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
-    if optim_cfg.layer_decay < 1:
-        stages: dict[int, list] = {}
-        for name, p in params:
-            stages.setdefault(stage_of(name), []).append(p)
-        depth = max(stages)
-        groups = [{"params": stages[i], "lr": optim_cfg.lr * optim_cfg.layer_decay ** (depth + 1 - i),
-                   "name": f"encoder.stage{i}"} for i in sorted(stages)]
-    else:
-        groups = [{"params": [p for _, p in params], "lr": optim_cfg.lr, "name": "encoder"}]
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    decay = optim_cfg.layer_decay < 1
+    buckets: dict[tuple[int | None, bool], list] = {}
+    for name, p in named:
+        buckets.setdefault((spec.depth_of(name) if decay else 0, spec.no_weight_decay(name, p)), []).append(p)
+    deepest = max((depth for depth, _ in buckets if depth is not None), default=0)
+    groups = []
+    for depth, no_decay in sorted(buckets, key=lambda k: (math.inf if k[0] is None else k[0], k[1])):
+        scale = optim_cfg.layer_decay ** (deepest + 1 - depth) if decay and depth is not None else 1.0
+        name = ("encoder" if not decay else "encoder.with_head" if depth is None else f"encoder.stage{depth}")
+        groups.append({"params": buckets[(depth, no_decay)], "lr": optim_cfg.lr * scale,
+                       "weight_decay": 0.0 if no_decay else wd, "name": name + (".no_decay" if no_decay else "")})
     if head is not None:
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
-                       "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "name": "head"})
+                       "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "weight_decay": wd, "name": "head"})
     extra = {"fused": True} if fused else {}
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=wd, **extra)

@@ -21,6 +21,7 @@ from sdtl.data.videos import find_videos
 from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
+from sdtl.engine.build import use_grad_checkpointing
 from sdtl.engine.callbacks import Checkpoints, EpochLine, RunLogger
 from sdtl.engine.diagnostics import make_retention_probe
 from sdtl.engine.loop import Loop, prepare_training
@@ -93,11 +94,13 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     paths = find_videos(cfg.data.root, cfg.data.list_file)
     seed_everything(cfg.run.seed)
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
+    use_grad_checkpointing(cfg, encoder)
     model = PretextModel(encoder, pretext.num_outputs)
     channels_last = prepare_model(model, cfg, info.device)
     seed_everything(cfg.run.seed + info.rank)
     task = PretextTask(cfg, pretext, model)
-    ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area))
+    ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area),
+                           norm=(tuple(cfg.data.mean), tuple(cfg.data.std)))
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, ds, log)
     state = parts["state"]
     if info.is_main:

@@ -63,3 +63,32 @@ class C3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature ``[B, feature_dim]``."""
         return self.pool5(self.forward_features(x)).flatten(1)
+
+
+def _depth_of(name: str) -> int:
+    # conv1/bn1 = stem (0); conv2 .. conv5b = stages 1..4 (stage = number - 1). One id per stage, not
+    # per layer: with one id per layer a deep CNN's first layers all but freeze under layer decay.
+    import re
+
+    m = re.fullmatch(r"(?:conv|bn)(\d)[a-z]?", name.split(".")[0])
+    if m is None:
+        raise ValueError(f"c3d parameter {name!r}: not part of a stage")
+    return int(m.group(1)) - 1
+
+
+def _spec():
+    from sdtl.models.spec import EncoderSpec, InputSpec
+
+    return EncoderSpec(
+        name="c3d", build=C3D, input=InputSpec(frames=16, size=112),
+        description="C3D with BatchNorm, RSPNet layout (27.7M params, 512-d); option width",
+        depth_of=_depth_of,
+        # DELTA: the last convolution of every stage, before its BatchNorm
+        feature_layers=lambda encoder: ["conv2", "conv3b", "conv4b", "conv5b"],
+        source_classifier=("linear.",),
+        width_probes=(("conv1.weight", 64), ("conv3a.weight", 256), ("conv5b.weight", 512)),
+        feature_dim=512, weights="RSPNet release (model_best_c3d_200epoch.pth.tar) or `sdtl pretrain`",
+    )
+
+
+SPECS = (_spec(),)

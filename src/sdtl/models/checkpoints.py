@@ -52,22 +52,14 @@ from torch import nn
 
 from sdtl.atomic import atomic_write
 from sdtl.errors import CheckpointError, UserError
-from sdtl.models.classifier import ARCHS, VideoClassifier, arch_option_names, build_encoder, build_model
+from sdtl.models.classifier import VideoClassifier, arch_option_names, build_encoder, build_model
+from sdtl.models.registry import specs
 
 FORMATS = ("rspnet", "sdtl-finetune", "sdtl-pretrain", "torchvision", "state_dict", "unknown")
 
 RSPNET_BACKBONE_PREFIX = "encoder_q.encoder."
 SDTL_FORMAT_VERSION = 1
 
-# The source model's own classifier inside an otherwise matching backbone state dict: RSPNet/VCOP
-# networks call it ``linear``, torchvision ``fc``. It is dropped, never loaded into the sdtl head.
-_SOURCE_CLASSIFIER = {
-    "c3d": ("linear.",),
-    "r2plus1d_vcop": ("linear.",),
-    "r2plus1d_18": ("fc.",),
-    "r3d_18": ("fc.",),
-    "mc3_18": ("fc.",),
-}
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _SHOW = 5  # how many keys of each kind an error message lists
 
@@ -154,6 +146,7 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
 def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
     """Load a checkpoint file onto the CPU without running arbitrary code.
 
+    A folder is read as a Hugging Face ``save_pretrained`` folder (:func:`_load_hf_folder`).
     ``.safetensors`` files (also recognised by content) are read with safetensors; everything else
     with ``torch.load(weights_only=True, map_location="cpu")``. A file that needs full unpickling
     raises :class:`~sdtl.errors.CheckpointError` unless ``allow_unsafe_pickle`` is true, in which case
@@ -164,8 +157,7 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path", path=path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file; name the file inside it",
-                              path=path)
+        return _load_hf_folder(path)
     if _is_safetensors(path):
         return _load_safetensors(path)
     try:
@@ -195,6 +187,43 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
             raise _unreadable(path, exc2) from exc2
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError/... for bad files
         raise _unreadable(path, exc) from exc
+
+
+HF_CONFIG_KEY = "hf_config"  # what _load_hf_folder returns: {"hf_config": config.json, "state_dict": tensors}
+
+
+def _load_hf_folder(path: Path) -> dict[str, Any]:
+    """A Hugging Face ``save_pretrained`` folder: ``config.json`` plus ``model.safetensors`` (or the shards
+    a ``model.safetensors.index.json`` lists), read without ``transformers``. Pickled
+    ``pytorch_model.bin`` folders are refused (re-save them with ``safe_serialization=True``)."""
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: is a directory without config.json, so not a Hugging Face model folder; "
+                              "name the checkpoint file inside it, or the folder `save_pretrained` wrote", path=path)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: not readable JSON ({exc}); re-save the model", path=config_file) from exc
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        try:
+            files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc}); re-save the model", path=index) from exc
+    else:
+        raise CheckpointError(f"{path}: Hugging Face folder without model.safetensors (pickled pytorch_model.bin "
+                              "files are not read); re-save it with save_pretrained(..., safe_serialization=True)",
+                              path=path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {index.name} but missing; copy the whole folder", path=file)
+        state.update(_load_safetensors(file))
+    return {HF_CONFIG_KEY: config, "state_dict": state}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +286,7 @@ def _group(key: str) -> str:
 def _encoder_options(arch: Any, options: Any) -> dict[str, Any]:
     """The recorded ``arch_options`` that concern the encoder (payloads may also hold e.g. ``dropout``)."""
     options = dict(options or {})
-    if arch not in ARCHS:
+    if arch not in specs():
         return options
     valid = arch_option_names(arch)
     return {k: v for k, v in options.items() if k in valid}
@@ -281,6 +310,11 @@ def _count_ignored(keys, ignored: dict[str, int], name=_group) -> None:
 def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extraction:
     fmt = detect_format(obj)
     ignored: dict[str, int] = {}
+    spec = specs().get(arch) if arch else None
+    if fmt not in ("rspnet", "sdtl-finetune", "sdtl-pretrain") and spec is not None and spec.adapt_checkpoint:
+        adapted = spec.adapt_checkpoint(obj, source=source)  # a foreign layout of this arch (release file, HF folder)
+        if adapted is not None:
+            return _Extraction(adapted[0], adapted[1], adapted[2])
     if fmt == "rspnet":
         model = _strip_module(obj["model"])
         state = {}
@@ -326,7 +360,9 @@ def _extract(obj: Any, arch: str | None, source: str = "checkpoint") -> _Extract
         # A bare VideoClassifier state dict: its encoder part is the backbone, its head is not.
         _count_ignored([k for k in state if k.startswith("head.")], ignored, lambda k: "head.*")
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefixes = _SOURCE_CLASSIFIER.get(arch, ("linear.", "fc.")) if arch else ("linear.", "fc.")
+    # The source model's own classifier inside an otherwise matching backbone (RSPNet's ``linear``,
+    # torchvision's ``fc`` / ``head``): dropped, never loaded into the sdtl head.
+    prefixes = spec.source_classifier if spec is not None and spec.source_classifier else ("linear.", "fc.")
     drop = [k for k in state if k.startswith(prefixes)]
     _count_ignored(drop, ignored, lambda k: k.split(".")[0] + ".* (source classifier)")
     for key in drop:
@@ -488,13 +524,6 @@ def _load_encoder(encoder: nn.Module, obj: Any, arch: str | None, source: str) -
 # Guessing the arch of a bare state dict
 
 
-# (key, reference channels) pairs whose shape[0] reveals the width of a scalable arch.
-_WIDTH_PROBES = {
-    "c3d": (("conv1.weight", 64), ("conv3a.weight", 256), ("conv5b.weight", 512)),
-    "r2plus1d_vcop": (("bn1.weight", 64), ("conv4.block1.bn2.weight", 256), ("conv5.block1.bn2.weight", 512)),
-}
-
-
 def _shapes_match(state: Mapping[str, Any], arch: str, options: dict[str, Any]) -> bool:
     try:
         with torch.device("meta"):  # shapes only: no memory, no init cost
@@ -510,9 +539,9 @@ def _shapes_match(state: Mapping[str, Any], arch: str, options: dict[str, Any]) 
 
 def guess_arch(state: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """``(arch, options)`` whose encoder has exactly the keys and shapes of ``state``, else None."""
-    for arch in ARCHS:
-        probes = _WIDTH_PROBES.get(arch)
-        if probes is None:
+    for arch, spec in specs().items():
+        probes = spec.width_probes
+        if not probes:
             if _shapes_match(state, arch, {}):
                 return arch, {}
             continue

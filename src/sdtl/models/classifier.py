@@ -4,70 +4,45 @@
 self-distillation regularizer needs the pooled feature ``f(x)`` (and a frozen copy of the encoder)
 while the loss needs ``g(f(x))``: ``forward_features`` returns both from one pass.
 
-Adding a backbone: write a module whose ``forward`` returns ``[B, D]`` and which has ``.feature_dim``
-(and, ideally, ``forward_features`` for the map before pooling), then add one line to ``ARCHS``.
+Adding a backbone: see :mod:`sdtl.models.registry` (each encoder module declares its ``SPECS``).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from sdtl.errors import UserError
-from sdtl.models.c3d import C3D
-from sdtl.models.r2plus1d_vcop import R2Plus1DVCOP
-from sdtl.models.torchvision_video import mc3_18, r2plus1d_18, r3d_18
-
-
-class Arch(NamedTuple):
-    """One available encoder: how to build it and what it is."""
-
-    constructor: Callable[..., nn.Module]
-    description: str
-
-
-# The one place that maps an arch name to code. Options are the constructor's keyword arguments.
-ARCHS: dict[str, Arch] = {
-    "c3d": Arch(C3D, "C3D with BatchNorm, RSPNet layout (27.7M params, 512-d); option width"),
-    "r2plus1d_vcop": Arch(R2Plus1DVCOP, "R(2+1)D-10, VCOP/RSPNet layout (14.4M params, 512-d); option width"),
-    "r2plus1d_18": Arch(r2plus1d_18, "torchvision R(2+1)D-18 (31.3M params, 512-d); width fixed at 1"),
-    "r3d_18": Arch(r3d_18, "torchvision R3D-18 (33.2M params, 512-d); width fixed at 1"),
-    "mc3_18": Arch(mc3_18, "torchvision MC3-18 (11.5M params, 512-d); width fixed at 1"),
-}
+from sdtl.errors import ConfigError, UserError
+from sdtl.models.registry import spec_of, specs
 
 
 def list_archs() -> dict[str, str]:
     """Available arch names, each with a one-line description."""
-    return {name: arch.description for name, arch in ARCHS.items()}
-
-
-def _arch(arch: str) -> Arch:
-    if arch not in ARCHS:
-        raise UserError(f"arch {arch!r}: unknown; valid archs: {', '.join(ARCHS)}")
-    return ARCHS[arch]
+    return {name: spec.description for name, spec in specs().items()}
 
 
 def arch_option_names(arch: str) -> list[str]:
     """The keyword options ``build_encoder(arch, ...)`` accepts."""
-    return list(inspect.signature(_arch(arch).constructor).parameters)
+    return list(inspect.signature(spec_of(arch).build).parameters)
 
 
 def build_encoder(arch: str, **options: Any) -> nn.Module:
     """Build encoder ``arch`` with random weights: ``forward(x[B,3,T,H,W]) -> [B, D]``, ``.feature_dim``.
 
     The returned module records ``sdtl_arch`` and ``sdtl_arch_options`` (what to write into a
-    checkpoint so it can be rebuilt). Unknown arch or option -> :class:`UserError`.
+    checkpoint so it can be rebuilt). Unknown arch or option -> :class:`ConfigError` naming the
+    ``model.*`` key (options are ``model.<option>`` in a config).
     """
-    spec = _arch(arch)
+    spec = spec_of(arch)
     valid = arch_option_names(arch)
     unknown = [key for key in options if key not in valid]
     if unknown:
-        raise UserError(
-            f"arch {arch!r}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
-        )
-    encoder = spec.constructor(**options)
+        raise ConfigError(f"model.{unknown[0]}", f"not an option of model.arch={arch}",
+                          f"{arch} takes: {', '.join('model.' + v for v in valid) or 'no options'}; "
+                          "remove it or pick an arch that has it")
+    encoder = spec.build(**options)
     encoder.sdtl_arch = arch
     encoder.sdtl_arch_options = dict(options)
     return encoder
@@ -122,8 +97,13 @@ class FeaturesAndLogits(nn.Module):
 
 
 def model_options(cfg) -> dict:
-    """Architecture options recorded in checkpoints (what `build_model` needs besides the arch)."""
+    """Architecture options recorded in checkpoints (what `build_model` needs besides the arch): the head's
+    dropout and every ``model.*`` encoder option set away from its neutral value."""
     opts = {"dropout": cfg.model.dropout}
     if cfg.model.width != 1.0:
         opts["width"] = cfg.model.width
+    if cfg.model.variant:
+        opts["variant"] = cfg.model.variant
+    if cfg.model.drop_path:
+        opts["drop_path"] = cfg.model.drop_path
     return opts

@@ -122,3 +122,38 @@ class R2Plus1DVCOP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature ``[B, feature_dim]``."""
         return self.pool(self.forward_features(x)).flatten(1)
+
+
+def _depth_of(name: str) -> int:
+    # conv1/bn1 = stem (0); conv2 .. conv5 = stages 1..4
+    import re
+
+    m = re.fullmatch(r"(?:conv|bn)(\d)", name.split(".")[0])
+    if m is None:
+        raise ValueError(f"r2plus1d_vcop parameter {name!r}: not part of a stage")
+    return int(m.group(1)) - 1
+
+
+def _feature_layers(encoder: nn.Module) -> list[str]:
+    # DELTA: the second (2+1)D conv of each stage's last block, before its BatchNorm
+    names = dict(encoder.named_modules())
+    out = []
+    for stage in ("conv2", "conv3", "conv4", "conv5"):
+        blocks = names[f"{stage}.blocks"]
+        out.append(f"{stage}.blocks.{len(blocks) - 1}.conv2" if len(blocks) else f"{stage}.block1.conv2")
+    return out
+
+
+def _spec():
+    from sdtl.models.spec import EncoderSpec, InputSpec
+
+    return EncoderSpec(
+        name="r2plus1d_vcop", build=R2Plus1DVCOP, input=InputSpec(frames=16, size=112),
+        description="R(2+1)D-10, VCOP/RSPNet layout (14.4M params, 512-d); option width",
+        depth_of=_depth_of, feature_layers=_feature_layers, source_classifier=("linear.",),
+        width_probes=(("bn1.weight", 64), ("conv4.block1.bn2.weight", 256), ("conv5.block1.bn2.weight", 512)),
+        feature_dim=512, weights="RSPNet release (model_best_r21d_200epoch.pth.tar) or `sdtl pretrain`",
+    )
+
+
+SPECS = (_spec(),)

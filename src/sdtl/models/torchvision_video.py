@@ -52,28 +52,53 @@ class TorchvisionVideoEncoder(VideoResNet):
         return self.avgpool(self.forward_features(x)).flatten(1)
 
 
-def _check_width(name: str, width: float) -> None:
-    # The engine passes its configured width to every arch; 1 is the only value these layouts have.
-    if float(width) != 1.0:
-        raise UserError(
-            f"width={width!r} for arch {name!r}: torchvision video models have a fixed width; "
-            "use width=1, or a scalable arch (c3d, r2plus1d_vcop)"
-        )
-
-
-def r2plus1d_18(width: float = 1.0) -> TorchvisionVideoEncoder:
+def r2plus1d_18() -> TorchvisionVideoEncoder:
     """torchvision R(2+1)D-18 (31.3M parameters), classifier removed."""
-    _check_width("r2plus1d_18", width)
     return TorchvisionVideoEncoder("r2plus1d_18")
 
 
-def r3d_18(width: float = 1.0) -> TorchvisionVideoEncoder:
+def r3d_18() -> TorchvisionVideoEncoder:
     """torchvision R3D-18 (33.2M parameters), classifier removed."""
-    _check_width("r3d_18", width)
     return TorchvisionVideoEncoder("r3d_18")
 
 
-def mc3_18(width: float = 1.0) -> TorchvisionVideoEncoder:
+def mc3_18() -> TorchvisionVideoEncoder:
     """torchvision MC3-18 (11.5M parameters), classifier removed."""
-    _check_width("mc3_18", width)
     return TorchvisionVideoEncoder("mc3_18")
+
+
+def _depth_of(name: str) -> int:
+    # stem = 0, layer1..layer4 = stages 1..4
+    top = name.split(".")[0]
+    if top == "stem":
+        return 0
+    if top.startswith("layer") and top[5:].isdigit():
+        return int(top[5:])
+    raise ValueError(f"torchvision VideoResNet parameter {name!r}: not part of a stage")
+
+
+def _feature_layers(encoder: nn.Module) -> list[str]:
+    # DELTA: each stage's last block's second conv, before its BatchNorm (conv2 = Sequential(conv, BN))
+    names = dict(encoder.named_modules())
+    return [f"layer{i}.{len(names[f'layer{i}']) - 1}.conv2.0" for i in range(1, 5)]
+
+
+def _spec(name: str, build, params: str, acc: str):
+    from sdtl.models.spec import KINETICS_MEAN, KINETICS_STD, EncoderSpec, InputSpec
+
+    return EncoderSpec(
+        name=name, build=build, description=f"torchvision {params} params, 512-d; Kinetics-400 weights' mean/std",
+        # torchvision's VideoClassification preset for these weights: 112 px crops of 16 frames (its own
+        # Kinetics statistics, not ImageNet's)
+        input=InputSpec(frames=16, size=112, mean=KINETICS_MEAN, std=KINETICS_STD),
+        depth_of=_depth_of, feature_layers=_feature_layers, source_classifier=("fc.",), feature_dim=512,
+        weights=f"torchvision's {name} KINETICS400_V1 .pth (a file you download once; never fetched)",
+        kinetics_acc1=f"{acc} (torchvision weights meta: video-level, 5 clips x 16 frames)",
+    )
+
+
+SPECS = (
+    _spec("r2plus1d_18", r2plus1d_18, "R(2+1)D-18 (31.3M", "67.463"),
+    _spec("r3d_18", r3d_18, "R3D-18 (33.2M", "63.200"),
+    _spec("mc3_18", mc3_18, "MC3-18 (11.5M", "63.960"),
+)

@@ -26,27 +26,28 @@ class PretextSampler(ClipSampler):
 
     supplies_target = True
 
-    def __init__(self, task, size: int, crop_area: tuple[float, float] = (0.25, 1.0)) -> None:
+    def __init__(self, task, size: int, crop_area: tuple[float, float] = (0.25, 1.0), norm=None) -> None:
         self.task = task
         self.size = size
         self.crop_area = crop_area
+        self.norm = norm  # (mean, std) of the encoder's input; ImageNet's when None
 
     def draw(self, num_frames: int, generator: torch.Generator) -> ClipDraw:
         indices, target = self.task.sample(num_frames, generator)
         return ClipDraw((indices,), target)
 
     def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
-        return {"video": train_transform(clips[0], self.size, generator=generator, scale=self.crop_area),
-                "clip_index": 0}
+        return {"video": train_transform(clips[0], self.size, generator=generator, scale=self.crop_area,
+                                         norm=self.norm), "clip_index": 0}
 
 
 def PretextClipDataset(paths: list[Path], task, size: int, backend: str, seed: int,
-                       crop_area: tuple[float, float] = (0.25, 1.0), probe_index=None) -> ClipDataset:
+                       crop_area: tuple[float, float] = (0.25, 1.0), probe_index=None, norm=None) -> ClipDataset:
     """Unlabelled videos -> (augmented clip, pretext target) items; undecodable videos are replaced.
 
     ``ClipDataset(paths, PretextSampler(task, size, crop_area), backend=backend, seed=seed)``: items
     ``{"video": float[3, T, S, S], "label": target, "video_index", "clip_index": 0, "failed"}``,
     indexable by ``i`` or ``(epoch, i)``, with ``set_epoch`` and ``probe_cache`` as every ClipDataset.
     """
-    return ClipDataset(paths, PretextSampler(task, size, crop_area), backend=backend, seed=seed,
+    return ClipDataset(paths, PretextSampler(task, size, crop_area, norm), backend=backend, seed=seed,
                        probe_index=probe_index)

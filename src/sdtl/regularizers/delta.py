@@ -11,16 +11,18 @@ the official code does (so α interacts with the batch size).
 **Channel attention** (``attention="channel"``, computed once before training, as the official
 ``channel_eval.py``): (1) a new linear classifier is trained on the frozen θ⁰'s features of
 ``attention_samples`` training clips (10 epochs of SGD, lr 0.01, momentum 0.9, weight decay 1e-4,
-batches of 32, lr ×0.1 after epoch 6); (2) for every layer j and channel c, the channel's output is
+batches of 32, lr × 0.1^(1/6) per epoch); (2) for every layer j and channel c, the channel's output is
 zeroed and Δ_jc = CE(zeroed) − CE(full), averaged over the clips; (3) w_j = softmax(zscore(Δ_j) / 5).
 ``attention="none"`` uses w_jc = 1/C_j (every channel weighs 1). The weights are stored in checkpoints.
 
 Choices the paper leaves open, as made here:
 
-* **Layers:** by default the last convolution of each stage, before its BatchNorm (the official
-  ResNet choice, ``layer{1..4}.last.conv3``): for C3D ``conv2, conv3b, conv4b, conv5b``; for the
-  R(2+1)D encoders the second (2+1)D conv of each stage's last block. ``regularizer.layers`` names
-  others (module names of the encoder).
+* **Layers:** the encoder's spec names them (:func:`default_layers`). CNNs: the last convolution of
+  each stage, before its BatchNorm (the official ResNet choice, ``layer{1..4}.last.conv3``): for C3D
+  ``conv2, conv3b, conv4b, conv5b``; for the R(2+1)D encoders the second (2+1)D conv of each stage's
+  last block. Transformers: feature taps after chosen blocks, whose maps are the patch tokens as
+  ``[B, D, T', H', W']`` (channel = embedding dimension; class tokens excluded), so zeroing channel c
+  zeroes embedding dimension c of every patch token. ``regularizer.layers`` names others (module names).
 * **Zeroing a channel** zeroes that channel of the layer's output (the official code zeroes the
   filter; the same thing for a conv without bias). With a BatchNorm after the conv, the post-BN
   channel becomes constant, not zero.
@@ -47,29 +49,23 @@ from sdtl.regularizers.options.delta import DELTAOptions
 
 
 def default_layers(encoder: nn.Module) -> list[str]:
-    """The last convolution of every stage, before its BatchNorm."""
-    names = dict(encoder.named_modules())
-    kind = type(encoder).__name__
-    if kind == "C3D":
-        return ["conv2", "conv3b", "conv4b", "conv5b"]
-    if kind == "R2Plus1DVCOP":
-        out = []
-        for stage in ("conv2", "conv3", "conv4", "conv5"):
-            blocks = names[f"{stage}.blocks"]
-            out.append(f"{stage}.blocks.{len(blocks) - 1}.conv2" if len(blocks) else f"{stage}.block1.conv2")
-        return out
-    if all(f"layer{i}" in names for i in range(1, 5)):  # torchvision VideoResNet
-        out = []
-        for i in range(1, 5):
-            last = len(names[f"layer{i}"]) - 1
-            out.append(f"layer{i}.{last}.conv2.0")  # conv2 = Sequential(conv, BN)
-        return out
-    raise ValueError(f"DELTA has no default layers for {kind}; name them in regularizer.layers")
+    """The encoder's spec's DELTA layers (:mod:`sdtl.models.spec`), each a module whose output is a 5-D
+    map ``[B, C, T, H, W]``: for CNNs the last convolution of every stage, before its BatchNorm; for
+    transformers the :class:`~sdtl.models.spec.FeatureTap` after chosen blocks, which shows the block's
+    patch tokens as a channel-first map ``[B, D, T', H', W']`` (class tokens left out)."""
+    from sdtl.models.registry import spec_of_encoder
+
+    try:
+        return spec_of_encoder(encoder).feature_layers(encoder)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"DELTA has no default layers for {type(encoder).__name__} ({exc}); "
+                         "name them in regularizer.layers") from exc
 
 
 def conv_layer_names(encoder: nn.Module) -> list[str]:
+    """Modules whose output is a 5-D map: convolutions and feature taps (what regularizer.layers may name)."""
     return [n for n, m in encoder.named_modules() if isinstance(m, nn.Conv3d) or type(m).__name__ in
-            ("SpatioTemporalConv", "Conv2Plus1D")]
+            ("SpatioTemporalConv", "Conv2Plus1D", "FeatureTap")]
 
 
 class DELTA(Regularizer):
@@ -95,7 +91,7 @@ class DELTA(Regularizer):
         unknown = [n for n in self.layers if n not in modules]
         if unknown:
             raise ValueError(f"DELTA layers {unknown}: not modules of the {type(encoder).__name__} encoder; "
-                             f"convolutions are: {', '.join(conv_layer_names(encoder))}")
+                             f"map layers (convolutions, feature taps) are: {', '.join(conv_layer_names(encoder))}")
         self.__dict__["student"] = encoder
         self.__dict__["head"] = head
         self.teacher = frozen_copy(encoder, batch_statistics=teacher_bn == "batch")
@@ -227,7 +223,10 @@ class DELTA(Regularizer):
 
 
 def _fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> nn.Linear:
-    """The official attention step's classifier: 10 epochs of SGD on frozen features (batches of 32)."""
+    """The official attention step's classifier: 10 epochs of SGD on frozen features (batches of 32), the
+    lr decaying exponentially by γ = 0.1^(1/6) per epoch (``channel_eval.py``: ``ExponentialLR(gamma=
+    exp(log(0.1) / 6))`` stepped at each epoch's start, which in the PyTorch of its time gave epoch e the
+    lr 0.01·γ^e)."""
     g = torch.Generator().manual_seed(seed)
     fc = nn.Linear(features.shape[1], num_classes).to(features.device)
     bound = 1 / math.sqrt(features.shape[1])
@@ -237,9 +236,8 @@ def _fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     opt = torch.optim.SGD(fc.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     with torch.enable_grad():
         for epoch in range(10):
-            if epoch == 6:
-                for group in opt.param_groups:
-                    group["lr"] *= 0.1
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * 0.1 ** (epoch / 6)
             order = torch.randperm(len(features), generator=g).to(features.device)
             for i in range(0, len(features), 32):
                 idx = order[i:i + 32]
