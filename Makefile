@@ -21,8 +21,9 @@ demo: setup
 demo-quick: setup
 	$(BIN)/sdtl demo --quick --out sdtl-demo-quick
 
+# one pytest worker per core (pytest-xdist), one torch thread each: the suite's runs are small
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 bench: setup
 	$(BIN)/python benchmarks/sd_overhead.py

@@ -4,6 +4,9 @@
 # Steps (each under its own `timeout`, all together under CHECK_BUDGET_S, default 450 s):
 #   1a. the CUDA-marked tests:             python -m pytest -v -x -m cuda
 #   2.  benchmarks/sd_overhead.py          (r2plus1d_vcop b32 and c3d b24 at 112 on CUDA)
+#   2b. benchmarks/sd_overhead.py at the transformers' real size, 16x224x224, bf16 autocast:
+#       videomae_vit_b b8 and mvit_v2_s b4, then both again with grad checkpointing (goal: SD step
+#       <= 1.35x plain, peak <= 1.10x); run after step 6, before 1b, so it cannot squeeze steps 3..6
 #   3.  benchmarks/train_throughput.py     (paper sizes; compute only + engine + projected wall time)
 #   4.  2-epoch engine runs with optim.amp=bf16 and optim.amp=fp16 on `sdtl synth --preset small`
 #   5.  `python -m torch.distributed.run --nproc_per_node=1 -m sdtl finetune` (world_size in metrics.jsonl)
@@ -13,9 +16,13 @@
 #   1b. the rest of the suite (-m "not cuda", pytest-xdist if present), with whatever time is left
 # The table lists 1..6 in order. Exit status 0 whatever failed: the table says which.
 #
-# The machine has no PyAV and no network: carry the wheel. Once, on the dev machine, repo root:
-#   mkdir -p .whl .git/info && cp /opt/pypi/files/av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl .whl/
+# The machine has no PyAV and no network: carry the wheel. Once, on any machine with pip and
+# network (or a package index), from the repo root:
+#   mkdir -p .whl .git/info && python3 -m pip download --only-binary=:all: --no-deps --implementation cp \
+#     --python-version 3.11 --platform manylinux_2_28_x86_64 "av>=12" -d .whl/
 #   grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# (--python-version 3.11 picks PyAV's newest cp311-abi3 wheel, av-18.1.0 today, which installs on any
+# CPython >= 3.11; asking for 3.12 gets av 19, cp312-abi3, which a 3.11 python3 refuses.)
 # then the device tool's call:
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=540)
 # (The wheel is 36 MB; with the repo about 41 MB of the 64 MiB a call may carry. A wheel under
@@ -69,7 +76,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # -------------------------------------------------------------------------------------- machinery
 declare -A STATUS FIGURE DURATION
-ORDER=("1a cuda tests" "1b rest of suite" "2 sd_overhead" "3 train_throughput" "4 amp bf16/fp16" "5 torchrun 1 proc"
+ORDER=("1a cuda tests" "1b rest of suite" "2 sd_overhead" "2b sd_overhead 224" "3 train_throughput" "4 amp bf16/fp16" "5 torchrun 1 proc"
        "6 resume on GPU")
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -293,6 +300,26 @@ if [ -d "$WORK/synth" ]; then
 else
   record "6 resume on GPU" SKIP "no synthetic data (step 4 failed)" "$T0"
 fi
+
+# 2b. SD overhead of the transformers at their real size (16x224x224, bf16 autocast), each config under
+# its own timeout; run here, after 3..6, so that it takes its time from 1b's share only
+T0=$(date +%s)
+ST=PASS; FIGS=(); OVER=""; FAILLOG=""
+for conf in "videomae_vit_b 8" "mvit_v2_s 4" "videomae_vit_b 8 --grad-checkpointing" "mvit_v2_s 4 --grad-checkpointing"; do
+  read -r arch batch ckpt <<<"$conf"
+  run_logged "2b sd_overhead $arch b$batch${ckpt:+ ckpt}" 75 "$PY" benchmarks/sd_overhead.py --device cuda \
+    --arch "$arch" --batch "$batch" --amp bf16 ${ckpt:+"$ckpt"} --steps 10
+  s=$(status_of $RC)
+  # row: SDROW arch variant TxSxS bB mode plain_ms sd_ms time_ratio ok plain_MiB sd_MiB mem_ratio ok step_peak Mparams
+  row=$(awk '$1 == "SDROW" {printf "%s %s %s: time x%s mem x%s (%.1f GiB)", $2, $5, $6, $9, $13, $12 / 1024}' "$LAST_LOG" 2>/dev/null)
+  awk '$1 == "SDROW" && ($10 != "yes" || $14 != "yes") {bad=1} END {exit !bad}' "$LAST_LOG" 2>/dev/null && OVER=" (over goal 1.35/1.10)"
+  if [ "$s" = PASS ] && [ -z "$row" ]; then s="FAIL(no row)"; fi
+  [ "$s" = PASS ] || [ "$ST" != PASS ] || { ST=$s; FAILLOG=$LAST_LOG; }  # the first problem is the step's status
+  FIGS+=("${row:-$arch b$batch${ckpt:+ ckpt}: $s}")
+done
+LAST_LOG=${FAILLOG:-$LAST_LOG}  # record shows the tail of the first failed config's log
+FIG=$(IFS=';'; echo "${FIGS[*]}" | sed 's/;/; /g')
+record "2b sd_overhead 224" "$ST" "$FIG$OVER" "$T0"
 
 # 1b. the rest of the suite, in the time left
 T0=$(date +%s)

@@ -153,14 +153,11 @@ def test_kill_and_resume_is_bit_exact(tiny_synth, tiny_encoder, tmp_path):
     subprocess.run(sdtl_cmd(*common, "--out", str(ref)), env=ENV, check=True)
     reference = model_state(ref / "checkpoints" / "last.pt")
 
-    def has_epoch_checkpoint(out: Path) -> bool:
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        return (out / "checkpoints" / "last.pt").exists() and len(lines) >= 1
-
     def before_any_checkpoint(out: Path) -> bool:
         return (out / "config.yaml").exists()
 
-    for name, kill_when in (("mid-epoch-2", has_epoch_checkpoint), ("epoch-1", before_any_checkpoint)):
+    # (kills inside and at the end of epochs, at random moments: tests/test_stop_and_resume.py)
+    for name, kill_when in (("epoch-1", before_any_checkpoint),):
         out = tmp_path / name
         _run_and_kill(sdtl_cmd(*common, "--out", str(out)), out, kill_when)
         # a second start without --resume must refuse, leaving the run untouched

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sdtl.engine import config as cfgmod
 from sdtl.errors import CheckpointError, ConfigError, DataError
 from sdtl.models.classifier import model_options
 from sdtl.regularizers import registry
@@ -21,6 +22,7 @@ def build_datasets(cfg, need_train: bool = True):
     """(train, val, test) datasets and the class names, from lists only (no decoding)."""
     from sdtl.data.datasets import VideoClipDataset, list_records, stratified_split
 
+    cfgmod.resolve_input(cfg)  # the encoder's clip size and statistics where the config leaves them unset
     d = cfg.data
     if not d.root:
         raise ConfigError("data.root", "empty", "point it at the dataset folder, e.g. data.root=/data/UCF101 "

@@ -542,8 +542,9 @@ def guess_arch(state: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     for arch, spec in specs().items():
         probes = spec.width_probes
         if not probes:
-            if _shapes_match(state, arch, {}):
-                return arch, {}
+            for options in [{}] + [{"variant": name} for name in spec.variants]:  # the published size, then variants
+                if _shapes_match(state, arch, options):
+                    return arch, options
             continue
         candidates: list[float] = []
         for key, reference in probes:
