@@ -15,7 +15,9 @@ which never coexist with the student's saved ones (teacher first).
   reset before each measurement by writing ``5`` to ``/proc/self/clear_refs``. The script re-executes
   itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc hands every tensor buffer of 64 KiB or more
   back to the OS when it is freed; otherwise cached allocations hide the step's peak from the RSS.
-* CPU, families table: see below (the allocator's accounting, not the RSS).
+* CPU, families table: see below (the allocator's accounting, not the RSS). No re-execution: with
+  that glibc setting every freed activation is unmapped and faulted in again at the next step, which
+  slows CPU steps (more so the bigger the activations) and is no part of a real run.
 
 Two tables:
 
@@ -271,7 +273,6 @@ def print_family_table(cases: list[Case], steps: int, device: torch.device) -> N
 
 
 def main() -> None:
-    reexec_for_cpu_peaks()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default=None)
     ap.add_argument("--families", action="store_true",
@@ -288,8 +289,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
+    families = args.families or (args.arch and is_modern(args.arch))
+    if not families:
+        reexec_for_cpu_peaks()  # the CNN table's RSS figure; the families table counts the allocator's bytes
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    if args.families or (args.arch and is_modern(args.arch)):
+    if families:
         cases = []
         for arch in (FAMILIES if args.families else (args.arch,)):
             variant = "tiny" if args.families and not args.variant else args.variant

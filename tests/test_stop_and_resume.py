@@ -137,6 +137,8 @@ def test_stop_request_writes_state_exits_75_and_resumes_exactly(tiny_synth, tiny
     ckpt = load(out / "checkpoints" / "last.pt")
     assert ckpt["epoch"] >= 1 and (ckpt["epoch"], ckpt["step_in_epoch"]) != (3, 0)
     assert not (out / "results.json").exists()
+    if sig != "SIGTERM":
+        return  # every signal sets the same flag; the resume after it is checked once (and after kills above)
 
     subprocess.run(sdtl_cmd(*args, "--resume", "auto"), env=ENV, check=True)
     assert_same_weights(load(out / "checkpoints" / "last.pt")["model"],
