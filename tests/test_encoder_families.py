@@ -90,11 +90,11 @@ def test_a_transformer_run_resumes_bit_exact(tiny_synth, tmp_path):
     ft.run_finetune(tiny_cfg(tiny_synth, "videomae_vit_s", "optim.epochs=3", *extra), tmp_path / "ref")
     ft.run_finetune(tiny_cfg(tiny_synth, "videomae_vit_s", "optim.epochs=2", *extra), tmp_path / "cut")
     ft.run_finetune(tiny_cfg(tiny_synth, "videomae_vit_s", "optim.epochs=3", *extra), tmp_path / "cut", resume="auto")
-    load = lambda d: torch.load(tmp_path / d / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)  # noqa: E731
+    load = lambda d: torch.load(tmp_path / d / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     ref, cut = load("ref"), load("cut")
     for key in ref["model"]:
         assert torch.equal(ref["model"][key], cut["model"][key]), key
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("clips_per_s", "data_wait", "epoch_time_s")}  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("clips_per_s", "data_wait", "epoch_time_s")}
                           for r in rows]
     assert strip(records(tmp_path / "ref")) == strip(records(tmp_path / "cut"))
 

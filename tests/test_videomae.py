@@ -179,7 +179,9 @@ def test_hf_config_of_another_size_or_model_names_the_fix():
 
 
 def test_sinusoid_table_is_videomae_s(hf):
-    from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+    from transformers.models.videomae.modeling_videomae import (
+        get_sinusoid_encoding_table,
+    )
 
     assert torch.equal(sinusoid_table(98, 32), get_sinusoid_encoding_table(98, 32)[0])
     assert torch.equal(sinusoid_table(1568, 768)[:10], get_sinusoid_encoding_table(10, 768)[0])

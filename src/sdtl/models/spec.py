@@ -26,8 +26,9 @@ registered names that a test keeps equal to :func:`sdtl.models.registry.specs`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from sdtl.errors import ConfigError
 

@@ -48,7 +48,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sdtl.errors import CheckpointError, ConfigError
-from sdtl.models.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, FeatureTap, InputSpec, no_decay_transformer
+from sdtl.models.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    FeatureTap,
+    InputSpec,
+    no_decay_transformer,
+)
 
 # name -> (dim, depth, heads, mlp hidden); all published sizes take tubelet 2 and patch 16
 _SIZES = {"videomae_vit_s": (384, 12, 6, 1536), "videomae_vit_b": (768, 12, 12, 3072)}
