@@ -9,7 +9,7 @@ import importlib
 
 # Names a config or CLI may use for a dataset layout (sdtl.data.datasets.BUILDERS has the builders; a
 # test keeps the two equal). Here so that `sdtl --help` can list them without importing torch.
-DATASET_NAMES = ("ucf101", "hmdb51", "folder", "csv", "synthetic")
+DATASET_NAMES = ("ucf101", "hmdb51", "kinetics400", "folder", "csv", "synthetic")
 
 _WHERE = {
     "CorruptVideoTracker": "corrupt", "check_failures": "corrupt",

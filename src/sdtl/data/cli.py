@@ -5,6 +5,10 @@
 * ``check``: class count, train/test counts, files named in the lists but missing; with ``--decode``
   every video is decoded (in parallel) and the corrupt ones, and those that cannot be seeked
   frame-exactly (decoded from the start, slower), are listed -- cf. mmaction2's ``check_videos``.
+  Per subset (``subsets`` in ``--json``): listed, found, missing (count and first names) and unreadable
+  (empty or unreadable files -- one ``stat`` per found file, check only, never in training -- plus, with
+  ``--decode``, the undecodable ones). Kinetics-400 prints this per-subset view: missing downloads are
+  normal there and are counts, not a wrong-root diagnosis.
 * ``bench``: clips/s for decode only, decode + transforms, and the full DataLoader with N workers,
   per backend; and the time to construct the dataset. It tells whether the decoder or the model
   sets the pace (``shared/REFERENCE.md`` section 6, complaint 1). The measuring functions are reused
@@ -29,10 +33,11 @@ from sdtl.data import DATASET_NAMES
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset parameters")
     g.add_argument("--dataset", required=True, choices=sorted(DATASET_NAMES),
-                   help="dataset layout: ucf101, hmdb51 (official lists shipped), folder (<root>/<class>/"
+                   help="dataset layout: ucf101, hmdb51 (official lists shipped), kinetics400 (official CSVs in "
+                        "<root>/annotations, videos in <root>/train and <root>/val), folder (<root>/<class>/"
                         "<video>), csv (train.csv/test.csv), synthetic (what `sdtl synth` wrote)")
     g.add_argument("--root", required=True, help="dataset root (the folder holding the class folders)")
-    g.add_argument("--split", type=int, default=1, help="official split 1..3 (default 1)")
+    g.add_argument("--split", type=int, default=1, help="official split 1..3 (default 1; Kinetics has only 1)")
     g.add_argument("--lists-dir", default=None, help="your own split lists instead of the shipped ones")
 
 
@@ -112,9 +117,17 @@ def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool 
     from sdtl.data import datasets as D
     from sdtl.data.video_io import backend_report
 
-    classes, subsets, files_root = D.read_lists(name, root, split, lists_dir)
+    sources = {}
+    if name == "kinetics400":
+        from sdtl.data import kinetics as K
+
+        K.check_split(split)
+        layout = K.scan(D._check_root(root), lists_dir)
+        classes, subsets, files_root, sources = layout.classes, layout.entries, layout.root, layout.sources
+    else:
+        classes, subsets, files_root = D.read_lists(name, root, split, lists_dir)
     report = {"dataset": name, "root": str(root), "split": split, "classes": len(classes),
-              "class_names": classes}
+              "class_names": classes, "subsets": {}}
     found, missing, all_entries, all_missing = {}, [], [], []
     for subset in ("train", "test"):
         entries = subsets.get(subset) or []
@@ -124,8 +137,20 @@ def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool 
         missing += [m.relpath for m in miss]
         all_entries += entries
         all_missing += miss
+        report["subsets"][subset] = {
+            "listed": len(entries) if subsets.get(subset) is not None else None, "found": len(records),
+            "missing": len(miss), "missing_examples": [m.relpath for m in miss[:MISSING_EXAMPLES]],
+            "unreadable": [], "source": sources.get(subset)}
+        for r in records:
+            why = _unreadable(r.path)
+            if why:
+                report["subsets"][subset]["unreadable"].append({"path": str(r.path), "error": why})
     report["missing"] = missing
-    report["root_problem"] = D.root_problem(Path(files_root), all_entries, all_missing)
+    if name == "kinetics400":  # missing downloads are normal: only "nothing at all" means a wrong root
+        report["root_problem"] = None
+        report["wrong_root"] = bool(all_entries) and not any(found.values())
+    else:
+        report["root_problem"] = D.root_problem(Path(files_root), all_entries, all_missing)
     report["corrupt"] = []
     report["sequential"] = []
     if decode:
@@ -137,13 +162,69 @@ def check_dataset(name: str, root, split: int = 1, lists_dir=None, decode: bool 
         report["corrupt"] = [{"path": r["path"], "error": r["error"]} for r in results if "error" in r]
         report["sequential"] = [{"path": r["path"], "reason": r["sequential"]} for r in results
                                 if r.get("sequential")]
+        bad = {c["path"]: c["error"] for c in report["corrupt"]}
+        for subset, records in found.items():
+            listed = {u["path"] for u in report["subsets"][subset]["unreadable"]}
+            report["subsets"][subset]["unreadable"] += [{"path": str(r.path), "error": bad[str(r.path)]}
+                                                        for r in records if str(r.path) in bad
+                                                        and str(r.path) not in listed]
     report["backends"] = backend_report()
     return report
+
+
+#: Missing files named per subset in the report (the full list is ``missing`` in ``--json``).
+MISSING_EXAMPLES = 5
+
+
+def _unreadable(path) -> str | None:
+    """Why a found file cannot be a video without decoding it (empty, or no access), else None."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "no read permission"
+    return None
+
+
+def _print_kinetics(rep: dict) -> None:
+    from sdtl.data.kinetics import KINETICS_NAMES, ROOT_HINT
+
+    print(f"dataset {rep['dataset']} at {rep['root']}")
+    print(f"  classes: {rep['classes']}")
+    for subset, s in rep["subsets"].items():
+        title = f"  {subset} ({KINETICS_NAMES[subset]}"
+        if s["listed"] is None:
+            print(f"{title}): none (no annotation file and no class folders)")
+            continue
+        print(f"{title}, from {s['source']}): {s['listed']} listed, {s['found']} found, {s['missing']} missing"
+              + (f" ({100.0 * s['missing'] / max(s['listed'], 1):.1f}%)" if s["missing"] else "")
+              + f", {len(s['unreadable'])} unreadable")
+        if s["missing"]:
+            more = ", ..." if s["missing"] > len(s["missing_examples"]) else ""
+            print(f"    missing, e.g.: {', '.join(s['missing_examples'])}{more}")
+        for u in s["unreadable"][:10]:
+            print(f"    unreadable: {u['path']}: {u['error']}")
+        if len(s["unreadable"]) > 10:
+            print(f"    ... and {len(s['unreadable']) - 10} more unreadable (see --json)")
+    if rep.get("wrong_root"):
+        print(f"  no listed video was found: {ROOT_HINT}")
+    elif rep["missing"]:
+        print("  videos gone from YouTube are normal for Kinetics: train with data.on_missing=skip")
+    if "decoded" in rep:
+        print(f"  decoded: {rep['decoded']} videos in {rep['decode_seconds']} s")
+        print(f"  decoded from the start (cannot be seeked frame-exactly, slower): {len(rep['sequential'])}")
+    for name, status in rep["backends"].items():
+        print(f"  backend {name}: {status}")
 
 
 def _print_check(rep: dict) -> None:
     from sdtl.data import datasets as D
 
+    if rep["dataset"] == "kinetics400":
+        return _print_kinetics(rep)
     print(f"dataset {rep['dataset']} (split {rep['split']}) at {rep['root']}")
     print(f"  classes: {rep['classes']}")
     print(f"  train:   {rep['train']} videos")
@@ -154,6 +235,12 @@ def _print_check(rep: dict) -> None:
                                        if miss else ""))
     if rep.get("root_problem"):
         print(f"  {D.describe_root_problem(rep['root_problem'])}")
+    corrupt = {c["path"] for c in rep["corrupt"]}  # listed below, with --decode
+    unreadable = [u for s in rep["subsets"].values() for u in s["unreadable"] if u["path"] not in corrupt]
+    if unreadable:
+        print(f"  unreadable: {len(unreadable)}")
+        for u in unreadable[:10]:
+            print(f"    {u['path']}: {u['error']}")
     if "decoded" in rep:
         print(f"  decoded: {rep['decoded']} videos in {rep['decode_seconds']} s")
         print(f"  corrupt: {len(rep['corrupt'])}")
@@ -168,17 +255,28 @@ def _print_check(rep: dict) -> None:
         print(f"  backend {name}: {status}")
 
 
+def _check_kinetics_split(args) -> None:
+    if args.dataset == "kinetics400" and args.split != 1:
+        from sdtl.errors import UserError
+
+        raise UserError(f"--split {args.split}: Kinetics-400 has one official split (train / validate); "
+                        f"leave --split out")
+
+
 def run_check(args) -> int:
-    """Exit status 0: all good; 1: missing or corrupt files; 2: the root is wrong (no class folder)."""
+    """Exit status 0: all good; 1: missing, unreadable or corrupt files; 2: the root is wrong (no class
+    folder; for Kinetics: none of the listed videos found)."""
+    _check_kinetics_split(args)
     rep = check_dataset(args.dataset, args.root, args.split, args.lists_dir, args.decode, args.workers)
     if args.json:
         print(json.dumps(rep))
     else:
         _print_check(rep)
     problem = rep["root_problem"]
-    if problem and problem["present_folders"] == 0:
+    if (problem and problem["present_folders"] == 0) or rep.get("wrong_root"):
         return 2
-    return 1 if rep["missing"] or rep["corrupt"] else 0
+    unreadable = any(s["unreadable"] for s in rep["subsets"].values())
+    return 1 if rep["missing"] or rep["corrupt"] or unreadable else 0
 
 
 # --------------------------------------------------------------------------- bench
@@ -284,6 +382,7 @@ def _count_torchcodec_files(records) -> str:
 
 
 def run_bench(args) -> int:
+    _check_kinetics_split(args)
     res = bench_dataset(args.dataset, args.root, args.split, args.lists_dir, args.subset, args.clips, args.workers,
                         args.batch_size, args.clip_len, args.size, args.backend, args.stride)
     if args.json:

@@ -25,6 +25,10 @@ Dataset layouts (``root``):
 * ``csv``: ``<lists_dir or root>/<subset>.csv`` (split 1; ``<subset><K>.csv`` or ``.txt`` for other
   splits) with lines ``path,label`` or ``path label``; label a 0-based int or a class name; an optional
   ``classes.txt`` fixes the class order.
+* ``kinetics400``: the official CSVs (``train.csv``, ``validate.csv``) in ``lists_dir`` or
+  ``<root>/annotations``, videos ``{youtube_id}_{start:06d}_{end:06d}.<any video suffix>`` under
+  ``<root>/train`` and ``<root>/val``, flat or in class folders; or class folders alone. sdtl's ``test``
+  is Kinetics' validate set; one split only. See :mod:`sdtl.data.kinetics`.
 """
 from __future__ import annotations
 
@@ -133,7 +137,7 @@ class _DirIndex:
         _, files, stems = self._listing(folder)
         name = parts[-1]
         if name in files:
-            return Path(folder, name)
+            return Path(os.path.join(folder, name))  # one string: half the cost of Path(folder, name)
         stem, ext = os.path.splitext(name)
         candidates = stems.get(stem.lower())
         if not candidates:
@@ -217,7 +221,8 @@ def describe_root_problem(problem: dict) -> str:
     return f"{text}; {ROOT_OPTION} must be the folder holding the class folders"
 
 
-def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str) -> list[VideoRecord]:
+def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str,
+             dataset: str | None = None) -> list[VideoRecord]:
     """List entries -> records with real paths; missing files reported together."""
     if on_missing not in ("error", "skip"):
         raise UserError(f"on_missing={on_missing!r}: use 'error' or 'skip'")
@@ -226,6 +231,18 @@ def _resolve(root: Path, entries: list[S.ListEntry], on_missing: str, what: str)
         first = ", ".join(m.relpath for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
         lists = sorted({m.where.rsplit(":", 1)[0] for m in missing})
         source = lists[0] if len(lists) == 1 else f"{len(lists)} list files"
+        if dataset == "kinetics400":  # a large share of Kinetics is gone from YouTube: counts, and skip
+            from sdtl.data import kinetics as K
+
+            if not records:
+                raise DataError(K.nothing_found_message(root, what, len(entries), missing[0].relpath, source),
+                                path=root)
+            msg = K.missing_message(root, what, len(missing), len(entries), first, source)
+            if on_missing == "error":
+                raise DataError(f"{msg}; many Kinetics videos are no longer on YouTube: set data.on_missing=skip "
+                                f"(on_missing='skip') to use the {len(records)} found, or restore them", path=root)
+            log.warning("%s; skipped (on_missing='skip'): using %d of %d", msg, len(records), len(entries))
+            return records
         if not records:
             example = entries[0].relpath if entries else "?"
             problem = root_problem(root, entries, missing)
@@ -355,8 +372,15 @@ def _csv(root: Path, split: int, lists_dir):
     return classes, out, root
 
 
+def _kinetics400(root: Path, split: int, lists_dir):
+    from sdtl.data.kinetics import read_kinetics
+
+    return read_kinetics(root, split, lists_dir)
+
+
 #: The dataset builders by name: ``(root, split, lists_dir) -> (classes, {subset: entries}, files_root)``.
-BUILDERS = {"ucf101": _ucf101, "hmdb51": _hmdb51, "folder": _folder, "csv": _csv, "synthetic": _synthetic}
+BUILDERS = {"ucf101": _ucf101, "hmdb51": _hmdb51, "kinetics400": _kinetics400, "folder": _folder, "csv": _csv,
+            "synthetic": _synthetic}
 
 
 def read_lists(name: str, root, split: int = 1, lists_dir=None):
@@ -375,11 +399,17 @@ def list_records(name: str, root, split: int = 1, subset: str = "train", lists_d
     root = Path(root).expanduser()
     entries = subsets.get(subset)
     if entries is None:
+        if name == "kinetics400":
+            from sdtl.data.kinetics import CSV_SHOWN, KINETICS_NAMES, VIDEO_DIRS
+
+            raise DataError(f"{root}: no {subset} set ({KINETICS_NAMES[subset]}): neither {CSV_SHOWN[subset]} in "
+                            f"data.lists_dir or {root / 'annotations'}, nor class folders in "
+                            f"{root / VIDEO_DIRS[subset][0]}", path=root)
         raise DataError(f"{root}: this {name} dataset has no {subset} list; add split lists "
                         f"(data.lists_dir) or train/ and test/ folders", path=root)
     if not entries:
         raise DataError(f"{root}: the {subset} list of this {name} dataset is empty (split {split})", path=root)
-    records = _resolve(files_root, entries, on_missing, subset)
+    records = _resolve(files_root, entries, on_missing, subset, dataset=name)
     return records, classes
 
 

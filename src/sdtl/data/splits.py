@@ -15,6 +15,8 @@ Formats (verbatim copies of the official lists ship in ``sdtl/data/splits/``; se
   tag 1 = train, 2 = test, 0 = unused (trailing space); classes in alphabetical order.
 * user lists (``folder`` and ``csv`` datasets): ``path,label`` or ``path label`` or ``path`` alone
   (label from the first folder of the path); label is a 0-based integer or a class name.
+* Kinetics-400's official CSVs (``label,youtube_id,time_start,time_end,split``) are parsed by
+  :mod:`sdtl.data.kinetics`, which also finds their files (named by YouTube id and times, not by path).
 """
 from __future__ import annotations
 
