@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (playback-speed prediction)",
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (task.name: speed or rspnet)",
                        description="Pre-train an encoder on unlabelled videos by predicting the playback speed "
                                    "(frame stride) of clips; writes checkpoints/encoder.pt (encoder + pretext "
                                    "head) and retention_probe.pt (for fine-tuning's eval.retention) into --out.",

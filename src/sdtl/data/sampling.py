@@ -20,6 +20,8 @@ owns everything else: the per-item generator, decoding, replacing undecodable vi
 * :class:`UniformClipsSampler` -- evaluation: ``num_clips`` evenly spread clips x ``crops`` views;
 * :class:`TwoClipSampler` -- two independent clips of the same video, each with its own augmentation
   (the input of two-clip pretext tasks such as RSPNet's);
+* :class:`TwoClipColourSampler` -- the same two clips with RSPNet's colour augmentation (greyscale,
+  then colour jitter) on top of crop and flip: ``task.name: rspnet``'s input;
 * ``sdtl.pretext.dataset.PretextSampler`` -- a pretext task draws the clip *and* its target.
 
 Random draws happen in a fixed order, all from the item's generator: ``draw`` (while the video is
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtl.data.transforms import test_transform, train_transform
+from sdtl.data.transforms import colour_train_transform, test_transform, train_transform
 
 
 def clip_span(clip_len: int, stride: int) -> int:
@@ -195,4 +197,28 @@ class TwoClipSampler(ClipSampler):
 
     def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
         video = torch.stack([train_transform(c, self.size, generator=generator, scale=self.crop_area, norm=self.norm) for c in clips])
+        return {"video": video, "clip_index": 0}
+
+
+class TwoClipColourSampler(TwoClipSampler):
+    """RSPNet's input: two independent windows of ``clip_len`` consecutive frames of one video (a short
+    video loops), each through :func:`~sdtl.data.transforms.colour_train_transform` with its own draws:
+    crop of ``crop_area`` of the frame, greyscale with ``grey_p``, colour jitter ``jitter`` (always on),
+    flip, normalisation. ``video`` is ``[2, 3, clip_len, S, S]``.
+
+    ``clip_len`` is the *loaded* length: RSPNet loads 2 x the encoder's frames and picks its 1x / 2x
+    clips from them on the device (:func:`sdtl.pretext.rspnet.split_speeds`). Draw order as
+    :class:`TwoClipSampler`: window 0, window 1, augmentation of clip 0, of clip 1.
+    """
+
+    def __init__(self, clip_len: int = 32, size: int = 112, crop_area: tuple[float, float] = (0.4, 1.0),
+                 grey_p: float = 0.2, jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4),
+                 norm=None) -> None:
+        super().__init__(clip_len, 1, size, crop_area, norm)
+        self.grey_p, self.jitter = float(grey_p), tuple(float(j) for j in jitter)
+
+    def views(self, clips: list[torch.Tensor], generator: torch.Generator) -> dict:
+        video = torch.stack([colour_train_transform(c, self.size, generator=generator, scale=self.crop_area,
+                                                    grey_p=self.grey_p, jitter=self.jitter, norm=self.norm)
+                             for c in clips])
         return {"video": video, "clip_index": 0}

@@ -33,9 +33,9 @@ from sdtl.regularizers.section import RegularizerConfig
 class DataConfig:
     """Where the labelled videos are and how clips are cut from them."""
 
-    dataset: str = "synthetic"  # ucf101 | hmdb51 | folder | csv | synthetic
+    dataset: str = "synthetic"  # ucf101 | hmdb51 | kinetics400 | folder | csv | synthetic
     root: str = ""  # dataset root (for synthetic: the folder `sdtl synth` wrote)
-    split: int = 1  # official split 1..3
+    split: int = 1  # official split 1..3 (kinetics400 has one: 1)
     lists_dir: str | None = None  # your own split lists instead of the shipped official ones
     on_missing: str = "error"  # error | skip: files named in the lists but absent on disk
     clip_len: int | None = None  # frames per clip; unset = the encoder's (EncoderSpec.input)
@@ -156,10 +156,25 @@ class PretrainDataConfig:
 
 @dataclass
 class PretrainTaskConfig:
-    """The pretext task. `speed`: classify the frame stride a clip was sampled with (Pace)."""
+    """The pretext task. `speed`: classify the frame stride a clip was sampled with (Pace).
+    `rspnet`: RSPNet's relative speed perception + appearance instance discrimination, with a momentum
+    key network and a queue (sdtl.pretext.rspnet)."""
 
-    name: str = "speed"
-    strides: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    name: str = "speed"  # speed | rspnet
+    strides: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # speed: the stride classes
+    queue_size: int = 16384  # rspnet: negative keys (trimmed to a multiple of the global batch)
+    key_momentum: float = 0.999  # rspnet: EMA of the key network
+    temperature: float = 0.07  # rspnet: of both heads' similarities
+    embed_dim: int = 128  # rspnet: output of each head (A-VID, RSP)
+    margin: float = 2.0  # rspnet: of the RSP ranking loss, on similarities / temperature
+    avid_weight: float = 1.0  # rspnet: weight of the A-VID loss (appearance)
+    rsp_weight: float = 1.0  # rspnet: weight of the RSP loss (relative speed)
+
+
+#: which ``task.name`` uses each ``task`` key (a key set for another task would silently do nothing)
+TASK_KEYS = {"strides": ("speed",), "queue_size": ("rspnet",), "key_momentum": ("rspnet",),
+             "temperature": ("rspnet",), "embed_dim": ("rspnet",), "margin": ("rspnet",),
+             "avid_weight": ("rspnet",), "rsp_weight": ("rspnet",)}
 
 
 @dataclass
@@ -177,7 +192,7 @@ KINDS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
 # Allowed values of string options, checked up front so a typo fails before any work starts. The
 # `regularizer` section's (name, and each method's option choices) come from the registry: choices_for.
 CHOICES = {
-    "data.dataset": ("ucf101", "hmdb51", "folder", "csv", "synthetic"),
+    "data.dataset": ("ucf101", "hmdb51", "kinetics400", "folder", "csv", "synthetic"),
     "data.on_missing": ("error", "skip"),
     "data.backend": ("auto", "pyav", "torchcodec"),
     "optim.name": ("sgd", "adamw"),
@@ -187,7 +202,7 @@ CHOICES = {
     "run.channels_last": ("auto", "on", "off"),
     "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
     "run.device": ("auto", "cpu", "cuda"),
-    "task.name": ("speed",),
+    "task.name": ("speed", "rspnet"),
 }
 
 
@@ -513,6 +528,26 @@ def validate_ranges(cfg) -> None:
     need(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(0 <= cfg.model.drop_path < 1, "model.drop_path", "must be in [0, 1)")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+    if isinstance(cfg, PretrainConfig):
+        _check_task_keys(cfg.task)
+        t = cfg.task
+        need(t.queue_size >= 1, "task.queue_size", "must be >= 1 (and at least one global batch)")
+        need(0 <= t.key_momentum < 1, "task.key_momentum", "must be in [0, 1); RSPNet uses 0.999")
+        need(t.temperature > 0, "task.temperature", "must be > 0; RSPNet uses 0.07")
+        need(t.embed_dim >= 1, "task.embed_dim", "must be >= 1; RSPNet uses 128")
+        need(t.margin >= 0, "task.margin", "must be >= 0; RSPNet uses 2.0")
+        need(t.avid_weight >= 0, "task.avid_weight", "must be >= 0")
+        need(t.rsp_weight >= 0, "task.rsp_weight", "must be >= 0")
+        need(t.avid_weight + t.rsp_weight > 0, "task.rsp_weight", "task.avid_weight and task.rsp_weight are both 0")
+
+
+def _check_task_keys(task: PretrainTaskConfig) -> None:
+    """A ``task`` key set away from its default for another task than ``task.name``: refuse it."""
+    defaults = PretrainTaskConfig()
+    for key, users in TASK_KEYS.items():
+        if task.name not in users and getattr(task, key) != getattr(defaults, key):
+            raise ConfigError(f"task.{key}", f"used only by task.name={' or '.join(users)}, not {task.name!r}",
+                              "remove it, or set task.name to one of those")
 
 
 def _check_regularizer_keys(r: RegularizerConfig) -> None:

@@ -1,21 +1,26 @@
 """Self-supervised pre-training of an encoder on unlabelled videos (``sdtl pretrain``).
 
-:class:`PretextTask` runs a pretext task of :mod:`sdtl.pretext` (today playback-speed prediction,
-the "Pace" baseline the paper cites and one half of RSPNet's objective) on the same training loop as
-fine-tuning (:mod:`sdtl.engine.loop`): the same AMP, DDP, checkpoints (one layout,
-:mod:`sdtl.engine.state`), mid-epoch checkpoints, stop requests and exact resume. Adding a pretext
-task means adding it to :data:`sdtl.pretext.PRETEXT_TASKS` (and the config's ``task.name`` choices).
+Two tasks run on the same training loop as fine-tuning (:mod:`sdtl.engine.loop`): the same AMP, DDP,
+checkpoints (one layout, :mod:`sdtl.engine.state`), mid-epoch checkpoints, stop requests and exact
+resume.
 
-The result is ``OUT/checkpoints/encoder.pt`` (an ``sdtl-pretrain`` checkpoint without training state)
-that ``sdtl finetune --set model.pretrained=OUT/checkpoints/encoder.pt`` loads, and
-``OUT/retention_probe.pt`` for fine-tuning's ``eval.retention``; ``last.pt`` holds the full training
-state for ``--resume``.
+* :class:`PretextTask` (``task.name: speed``) runs a single-clip pretext task of :mod:`sdtl.pretext`:
+  playback-speed prediction, the "Pace" baseline the paper cites. Adding such a task means adding it
+  to :data:`sdtl.pretext.PRETEXT_TASKS` (and the config's ``task.name`` choices).
+* :class:`RSPNetTask` (``task.name: rspnet``) runs RSPNet (:mod:`sdtl.pretext.rspnet`): two clips per
+  video, a momentum key network and a queue. DDP wraps the query network only (encoder + both heads);
+  the key network, the queue and its pointer are task state, in every checkpoint.
+
+The result is ``OUT/checkpoints/encoder.pt`` (an ``sdtl-pretrain`` checkpoint without training state:
+the encoder and the task's heads) that ``sdtl finetune --set model.pretrained=OUT/checkpoints/encoder.pt``
+loads (the encoder; heads ignored), and for the speed task ``OUT/retention_probe.pt`` for fine-tuning's
+``eval.retention`` (RSPNet has no classifier head to freeze, so no probe); ``last.pt`` holds the full
+training state for ``--resume``. Pre-training keeps no "best" checkpoint: ``encoder.pt`` is the last epoch's.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
 
 from sdtl.data.videos import find_videos
 from sdtl.engine import config as cfgmod
@@ -29,9 +34,11 @@ from sdtl.engine.reporting import RunLog
 from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
+from sdtl.errors import ConfigError, UserError
 from sdtl.models.classifier import build_encoder, model_options
 from sdtl.pretext import PRETEXT_TASKS, PretextModel
-from sdtl.pretext.dataset import PretextClipDataset
+from sdtl.pretext.dataset import PretextClipDataset, RSPNetClipDataset
+from sdtl.pretext.rspnet import SPEEDS, RSPNet, RSPNetModel
 
 log = logging.getLogger("sdtl.pretrain")
 
@@ -83,6 +90,65 @@ class PretextTask(Task):
             self.correct, self.seen = int(state["correct"]), int(state["seen"])
 
 
+class RSPNetTask(PretextTask):
+    """RSPNet (:class:`sdtl.pretext.rspnet.RSPNet`) on the loop: a batch's ``video`` is
+    ``[B, 2, 3, 2T, S, S]`` (query clip, key clip); the losses are ``avid`` and ``rsp``.
+
+    The checkpoint's weights are the query network's ``encoder`` and ``head`` (both heads), as every
+    pre-training checkpoint's; the task state holds the key network, the queue and its pointer; each
+    rank's state holds its accuracy counters and its key network's BatchNorm buffers."""
+
+    def __init__(self, cfg, rspnet: RSPNet) -> None:
+        self.cfg, self.rspnet, self.model = cfg, rspnet, rspnet.model
+        self.avid_correct = self.rsp_correct = self.seen = 0
+        self.queue_note: str | None = None  # set when a resume re-fitted the queue
+
+    def epoch_start(self, epoch: int) -> None:
+        self.avid_correct = self.rsp_correct = self.seen = 0
+
+    def train_mode(self, epoch: int) -> None:
+        self.model.train()
+        self.rspnet.key_model.train()  # batch statistics in the key network too, as the reference
+
+    def losses(self, net, batch: dict, epoch: int) -> dict:
+        video = batch["video"]
+        out = self.rspnet.step(net, video[:, 0], video[:, 1])
+        self.avid_correct += int(out["avid_correct"])
+        self.rsp_correct += int(out["rsp_correct"])
+        self.seen += video.shape[0]
+        return {"loss": out["loss"], "avid": out["avid"], "rsp": out["rsp"]}
+
+    def epoch_metrics(self, info) -> dict:
+        _, avid, rsp, seen = dist_utils.all_reduce_sum(info, [0.0, self.avid_correct, self.rsp_correct, self.seen])
+        return {"train_avid_acc": 100.0 * avid / max(1, seen), "train_rsp_acc": 100.0 * rsp / max(1, seen)}
+
+    def meta(self) -> dict:
+        t = self.cfg.task
+        return {"task": "rspnet", "task_options": {
+            "speeds": list(SPEEDS), "queue_size": int(self.rspnet.queue.shape[0]), "key_momentum": t.key_momentum,
+            "temperature": t.temperature, "embed_dim": t.embed_dim, "margin": t.margin,
+            "avid_weight": t.avid_weight, "rsp_weight": t.rsp_weight}}
+
+    def state_dict(self, mid_epoch: bool) -> dict:
+        return {"rspnet": self.rspnet.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state or "rspnet" not in state:
+            raise UserError("--resume: the checkpoint has no RSPNet state (key network, queue); resume an "
+                            "`sdtl pretrain` run of task.name=rspnet with its own config")
+        self.queue_note = self.rspnet.load_state_dict(state["rspnet"])
+
+    def rank_state(self) -> dict:
+        return {"avid_correct": self.avid_correct, "rsp_correct": self.rsp_correct, "seen": self.seen,
+                "key_buffers": self.rspnet.rank_buffers()}
+
+    def load_rank_state(self, state: dict | None) -> None:
+        if state:
+            self.avid_correct, self.rsp_correct = int(state["avid_correct"]), int(state["rsp_correct"])
+            self.seen = int(state["seen"])
+            self.rspnet.load_rank_buffers(state["key_buffers"])
+
+
 def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None) -> Path | None:
     """Pre-train an encoder; returns the path of the encoder checkpoint (rank 0)."""
     return run_in_process_group(cfg, _run, out_dir, resume)
@@ -90,28 +156,41 @@ def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     resume_path, payload = start_run(cfg, out_dir, resume, info, "pretrain")
-    pretext = PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
+    rspnet = cfg.task.name == "rspnet"
+    pretext = None if rspnet else PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list_file)
-    seed_everything(cfg.run.seed)
+    norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
     use_grad_checkpointing(cfg, encoder)
-    model = PretextModel(encoder, pretext.num_outputs)
-    channels_last = prepare_model(model, cfg, info.device)
-    seed_everything(cfg.run.seed + info.rank)
-    task = PretextTask(cfg, pretext, model)
-    ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed, tuple(cfg.data.crop_area),
-                           norm=(tuple(cfg.data.mean), tuple(cfg.data.std)))
+    if rspnet:
+        task, ds, channels_last = _rspnet_task(cfg, encoder, paths, info, norm)
+    else:
+        model = PretextModel(encoder, pretext.num_outputs)
+        channels_last = prepare_model(model, cfg, info.device)
+        seed_everything(cfg.run.seed + info.rank)
+        task = PretextTask(cfg, pretext, model)
+        ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed,
+                                tuple(cfg.data.crop_area), norm=norm)
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, ds, log)
     state = parts["state"]
     if info.is_main:
-        log.info("sdtl pretrain → %s | task %s %s | %d videos under %s | arch %s %s | %d process(es) on %s",
-                 out_dir.resolve(), cfg.task.name, cfg.task.strides, len(ds), cfg.data.root, cfg.model.arch,
-                 model_options(cfg), info.world_size, info.device)
+        what = (f"rspnet (queue {task.rspnet.queue.shape[0]}, momentum {cfg.task.key_momentum}, "
+                f"τ {cfg.task.temperature}, margin {cfg.task.margin}, weights A-VID {cfg.task.avid_weight} / "
+                f"RSP {cfg.task.rsp_weight}; {2 * cfg.data.clip_len}-frame windows -> {cfg.data.clip_len}-frame "
+                f"clips at 1x / 2x)" if rspnet else f"{cfg.task.name} {cfg.task.strides}")
+        log.info("sdtl pretrain → %s | task %s | %d videos under %s | arch %s %s | %d process(es) on %s",
+                 out_dir.resolve(), what, len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
+                 info.world_size, info.device)
+        if rspnet and task.queue_note:
+            log.warning("resume: %s", task.queue_note)
     run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, state.history)
     state.history = run_log.history
+    line = (["train_loss", "train_avid", "train_rsp", "train_avid_acc", "train_rsp_acc", "clips_per_s"] if rspnet
+            else ["train_loss", "train_acc", "clips_per_s"])
     callbacks = [RunLogger(run_log),
                  Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes, keep_best=False),
-                 EpochLine(["train_loss", "train_acc", "clips_per_s"], log, prefix="pretrain epoch")]
+                 EpochLine(line, log, prefix="pretrain epoch")]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last, title="pretrain")
@@ -123,8 +202,34 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         return None
     encoder_path = out_dir / "checkpoints" / "encoder.pt"
     state_mod.save(state_mod.build_checkpoint(cfg, task, state), encoder_path)
-    write_retention_probe(encoder_path, paths, cfg, out_dir / "retention_probe.pt")
+    if rspnet:
+        log.info("no retention probe for task.name=rspnet (the probe freezes the speed task's classifier "
+                 "head; RSPNet has none): fine-tune without eval.retention")
+    else:
+        write_retention_probe(encoder_path, paths, cfg, out_dir / "retention_probe.pt")
     return encoder_path
+
+
+def _rspnet_task(cfg, encoder, paths, info, norm):
+    """RSPNet's query network (on the device), its objective state (key network, queue) and dataset."""
+    t = cfg.task
+    model = RSPNetModel(encoder, t.embed_dim)
+    channels_last = prepare_model(model, cfg, info.device)
+    global_batch = cfg.data.batch_size * info.world_size
+    try:
+        rspnet = RSPNet(model, t.queue_size, global_batch, t.key_momentum, t.temperature, t.margin,
+                        t.avid_weight, t.rsp_weight, seed=cfg.run.seed, channels_last=channels_last)
+    except ValueError as exc:
+        raise ConfigError("task.queue_size", str(exc), f"set it to at least {global_batch}") from None
+    seed_everything(cfg.run.seed + info.rank)
+    ds = RSPNetClipDataset(paths, cfg.data.clip_len, cfg.data.size, cfg.data.backend, cfg.run.seed,
+                           tuple(cfg.data.crop_area), norm=norm)
+    queue = rspnet.queue.shape[0]
+    if info.is_main and queue >= len(ds):
+        log.warning("task.queue_size: the queue holds %d keys and the pool has %d videos, so a query often meets "
+                    "an older key of its own video among its negatives; a queue well below the pool size "
+                    "(e.g. %d) avoids that", queue, len(ds), max(global_batch, len(ds) // 4 // global_batch * global_batch))
+    return RSPNetTask(cfg, rspnet), ds, channels_last
 
 
 def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Path) -> Path:

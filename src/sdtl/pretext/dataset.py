@@ -3,7 +3,8 @@
 There is no pretext dataset class: a pretext dataset is the one :class:`sdtl.data.datasets.ClipDataset`
 composed with a :class:`PretextSampler`, the clip sampler that lets the task draw the clip and its
 target (unlabelled pools need no labels). :func:`PretextClipDataset` builds it with the pre-training
-call signature.
+call signature. Two-clip tasks (RSPNet) need no target: :func:`RSPNetClipDataset` composes the
+ClipDataset with :class:`~sdtl.data.sampling.TwoClipColourSampler`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sdtl.data.datasets import ClipDataset
-from sdtl.data.sampling import ClipDraw, ClipSampler
+from sdtl.data.sampling import ClipDraw, ClipSampler, TwoClipColourSampler
 from sdtl.data.transforms import train_transform
 
 
@@ -51,3 +52,16 @@ def PretextClipDataset(paths: list[Path], task, size: int, backend: str, seed: i
     """
     return ClipDataset(paths, PretextSampler(task, size, crop_area, norm), backend=backend, seed=seed,
                        probe_index=probe_index)
+
+
+def RSPNetClipDataset(paths: list[Path], clip_len: int, size: int, backend: str, seed: int,
+                      crop_area: tuple[float, float] = (0.4, 1.0), norm=None, probe_index=None) -> ClipDataset:
+    """Unlabelled videos -> RSPNet items: two windows of ``2 * clip_len`` consecutive frames (the 2x clip
+    spans a whole window, the 1x clip is its first half), each with its own RSPNet augmentation.
+
+    ``ClipDataset(paths, TwoClipColourSampler(2 * clip_len, size, crop_area, norm=norm), ...)``: items
+    ``{"video": float[2, 3, 2 * clip_len, S, S], "label": -1, "video_index", "clip_index": 0, "failed"}``
+    (a batch: ``[B, 2, 3, 2 * clip_len, S, S]``, query clip first).
+    """
+    return ClipDataset(paths, TwoClipColourSampler(2 * clip_len, size, crop_area, norm=norm), backend=backend,
+                       seed=seed, probe_index=probe_index)
