@@ -41,6 +41,17 @@ class EvalOutput:
     num_clips: int = 0
 
 
+def forward_clips(model, videos: torch.Tensor, clips_per_forward: int, device, amp) -> torch.Tensor:
+    """``model`` on the clips ``videos [N, 3, T, S, S]``, ``clips_per_forward`` at a time (autocast to
+    ``amp`` when set), as float32 on the CPU: ``[N, ...]``."""
+    parts = []
+    for start in range(0, videos.shape[0], clips_per_forward):
+        chunk = videos[start:start + clips_per_forward].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            parts.append(model(chunk).float().cpu())
+    return torch.cat(parts)
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Every rank takes indices rank, rank+W, ... (no padding, so no video is counted twice)."""
 
@@ -90,12 +101,7 @@ def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward:
         videos = batch["video"]
         if videos.shape[0] == 0:
             continue
-        logits_parts = []
-        for start in range(0, videos.shape[0], clips_per_forward):
-            chunk = videos[start:start + clips_per_forward].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits_parts.append(model(chunk).float().cpu())
-        logits = torch.cat(logits_parts)
+        logits = forward_clips(model, videos, clips_per_forward, device, amp_dtype)
         labels = torch.as_tensor(batch["label"]).long()
         vids = torch.as_tensor(batch["video_index"]).long()
         top = logits.topk(k5, dim=1).indices

@@ -268,7 +268,7 @@ def video_features(encoder, dataset, info, clips_per_forward: int, workers: int,
                    desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """``(features [N, D] float32, valid [N] bool, failed)``: the mean over each video's clips of the
     encoder's pooled output, for a test-mode dataset of N videos (gathered over ranks)."""
-    from sdtl.engine.evaluate import make_eval_loader
+    from sdtl.engine.evaluate import forward_clips, make_eval_loader
     from sdtl.engine.runtime import progress
 
     loader = make_eval_loader(dataset, clips_per_forward, info, workers)
@@ -283,12 +283,7 @@ def video_features(encoder, dataset, info, clips_per_forward: int, workers: int,
         videos = batch["video"]
         if videos.shape[0] == 0:
             continue
-        parts = []
-        for start in range(0, videos.shape[0], clips_per_forward):
-            chunk = videos[start:start + clips_per_forward].to(info.device, non_blocking=True)
-            with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
-                parts.append(encoder(chunk).float().cpu())
-        feats = torch.cat(parts).double()
+        feats = forward_clips(encoder, videos, clips_per_forward, info.device, amp).double()
         vids = torch.as_tensor(batch["video_index"]).long()
         for v in vids.unique().tolist():
             mask = vids == v
