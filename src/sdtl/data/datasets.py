@@ -45,7 +45,7 @@ from sdtl.data import splits as S
 from sdtl.data.sampling import ClipSampler, RandomClipSampler, UniformClipsSampler
 from sdtl.data.transforms import _tf as _load_transforms
 from sdtl.data.video_io import ProbeCache, VideoDecodeError, open_video, resolve_backend
-from sdtl.data.videos import VIDEO_EXTENSIONS
+from sdtl.data.videos import VIDEO_EXTENSIONS, scan_folder
 from sdtl.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,12 @@ class _DirIndex:
         listing = self._listings.get(folder)
         if listing is None:
             dirs, files, stems = {}, {}, {}
-            try:
-                with os.scandir(folder) as it:
-                    for entry in it:
-                        try:
-                            is_dir = entry.is_dir()
-                        except OSError:
-                            continue
-                        if is_dir:
-                            dirs.setdefault(entry.name.lower(), entry.name)
-                        else:
-                            files[entry.name] = entry.name
-                            stems.setdefault(os.path.splitext(entry.name)[0].lower(), []).append(entry.name)
-            except OSError:
-                pass
+            dir_names, file_names = scan_folder(folder)
+            for name in dir_names:
+                dirs.setdefault(name.lower(), name)
+            for name in file_names:
+                files[name] = name
+                stems.setdefault(os.path.splitext(name)[0].lower(), []).append(name)
             listing = self._listings[folder] = (dirs, files, stems)
         return listing
 

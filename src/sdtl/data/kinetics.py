@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtl.data import splits as S
-from sdtl.data.videos import VIDEO_EXTENSIONS
+from sdtl.data.videos import VIDEO_EXTENSIONS, scan_folder
 from sdtl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -181,22 +181,9 @@ def _parse_kinetics_csv(file) -> list[KineticsRow]:
 
 def _scandir(folder: str) -> tuple[list[str], list[str]]:
     """``(sub-folders, video files)`` of a folder, sorted, hidden folders left out; empty if unreadable."""
-    dirs, files = [], []
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                try:
-                    is_dir = entry.is_dir()
-                except OSError:
-                    continue
-                if is_dir:
-                    if not entry.name.startswith("."):
-                        dirs.append(entry.name)
-                elif entry.name.lower().endswith(VIDEO_EXTENSIONS):
-                    files.append(entry.name)
-    except OSError:
-        pass
-    return sorted(dirs), sorted(files)
+    dirs, files = scan_folder(folder)
+    return (sorted(d for d in dirs if not d.startswith(".")),
+            sorted(f for f in files if f.lower().endswith(VIDEO_EXTENSIONS)))
 
 
 def find_annotations(root: Path, lists_dir=None) -> tuple[Path, dict[str, Path | None]]:

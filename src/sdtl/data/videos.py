@@ -1,6 +1,7 @@
 """Finding videos: the file suffixes sdtl reads, and the unlabelled pool of a pre-training run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sdtl.errors import ConfigError, DataError
@@ -8,6 +9,23 @@ from sdtl.errors import ConfigError, DataError
 # Every suffix sdtl reads as a video, for labelled folders and unlabelled pools alike.
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
                     ".ogv", ".3gp", ".ts", ".mts", ".vob")
+
+
+def scan_folder(folder: str) -> tuple[list[str], list[str]]:
+    """``(sub-folder names, other entry names)`` of ``folder`` in ``os.scandir`` order, one pass; an entry
+    whose type cannot be read is left out, an unreadable folder gives two empty lists."""
+    dirs, files = [], []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    continue
+                (dirs if is_dir else files).append(entry.name)
+    except OSError:
+        pass
+    return dirs, files
 
 
 def find_videos(root: str, list_file: str | None) -> list[Path]:
