@@ -85,6 +85,15 @@ class PretextTask(Task):
     def rank_state(self) -> dict:
         return {"correct": self.correct, "seen": self.seen}
 
+    line_keys = ("train_loss", "train_acc", "clips_per_s")  # the epoch line
+    resume_note: str | None = None  # what a resume changed, said once at the start
+
+    def describe(self) -> str:
+        return f"{self.cfg.task.name} {self.cfg.task.strides}"
+
+    def after_training(self, encoder_path: Path, paths: list[Path], out_dir: Path) -> None:
+        write_retention_probe(encoder_path, paths, self.cfg, out_dir / "retention_probe.pt")
+
     def load_rank_state(self, state: dict | None) -> None:
         if state:
             self.correct, self.seen = int(state["correct"]), int(state["seen"])
@@ -101,10 +110,22 @@ class RSPNetTask(PretextTask):
     def __init__(self, cfg, rspnet: RSPNet) -> None:
         self.cfg, self.rspnet, self.model = cfg, rspnet, rspnet.model
         self.avid_correct = self.rsp_correct = self.seen = 0
-        self.queue_note: str | None = None  # set when a resume re-fitted the queue
+        self.resume_note: str | None = None  # set when a resume re-fitted the queue
+
+    line_keys = ("train_loss", "train_avid", "train_rsp", "train_avid_acc", "train_rsp_acc", "clips_per_s")
 
     def epoch_start(self, epoch: int) -> None:
         self.avid_correct = self.rsp_correct = self.seen = 0
+
+    def describe(self) -> str:
+        t, clip_len = self.cfg.task, self.cfg.data.clip_len
+        return (f"rspnet (queue {self.rspnet.queue.shape[0]}, momentum {t.key_momentum}, τ {t.temperature}, margin "
+                f"{t.margin}, weights A-VID {t.avid_weight} / RSP {t.rsp_weight}; {2 * clip_len}-frame windows -> "
+                f"{clip_len}-frame clips at 1x / 2x)")
+
+    def after_training(self, encoder_path: Path, paths: list[Path], out_dir: Path) -> None:
+        log.info("no retention probe for task.name=rspnet (the probe freezes the speed task's classifier "
+                 "head; RSPNet has none): fine-tune without eval.retention")
 
     def train_mode(self, epoch: int) -> None:
         self.model.train()
@@ -136,7 +157,7 @@ class RSPNetTask(PretextTask):
         if not state or "rspnet" not in state:
             raise UserError("--resume: the checkpoint has no RSPNet state (key network, queue); resume an "
                             "`sdtl pretrain` run of task.name=rspnet with its own config")
-        self.queue_note = self.rspnet.load_state_dict(state["rspnet"])
+        self.resume_note = self.rspnet.load_state_dict(state["rspnet"])
 
     def rank_state(self) -> dict:
         return {"avid_correct": self.avid_correct, "rsp_correct": self.rsp_correct, "seen": self.seen,
@@ -156,41 +177,26 @@ def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     resume_path, payload = start_run(cfg, out_dir, resume, info, "pretrain")
-    rspnet = cfg.task.name == "rspnet"
-    pretext = None if rspnet else PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
     paths = find_videos(cfg.data.root, cfg.data.list_file)
     norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
     use_grad_checkpointing(cfg, encoder)
-    if rspnet:
-        task, ds, channels_last = _rspnet_task(cfg, encoder, paths, info, norm)
-    else:
-        model = PretextModel(encoder, pretext.num_outputs)
-        channels_last = prepare_model(model, cfg, info.device)
-        seed_everything(cfg.run.seed + info.rank)
-        task = PretextTask(cfg, pretext, model)
-        ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed,
-                                tuple(cfg.data.crop_area), norm=norm)
+    make_task = _rspnet_task if cfg.task.name == "rspnet" else _pretext_task
+    task, ds, channels_last = make_task(cfg, encoder, paths, info, norm)
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, ds, log)
     state = parts["state"]
     if info.is_main:
-        what = (f"rspnet (queue {task.rspnet.queue.shape[0]}, momentum {cfg.task.key_momentum}, "
-                f"τ {cfg.task.temperature}, margin {cfg.task.margin}, weights A-VID {cfg.task.avid_weight} / "
-                f"RSP {cfg.task.rsp_weight}; {2 * cfg.data.clip_len}-frame windows -> {cfg.data.clip_len}-frame "
-                f"clips at 1x / 2x)" if rspnet else f"{cfg.task.name} {cfg.task.strides}")
         log.info("sdtl pretrain → %s | task %s | %d videos under %s | arch %s %s | %d process(es) on %s",
-                 out_dir.resolve(), what, len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
+                 out_dir.resolve(), task.describe(), len(ds), cfg.data.root, cfg.model.arch, model_options(cfg),
                  info.world_size, info.device)
-        if rspnet and task.queue_note:
-            log.warning("resume: %s", task.queue_note)
+        if task.resume_note:
+            log.warning("resume: %s", task.resume_note)
     run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, state.history)
     state.history = run_log.history
-    line = (["train_loss", "train_avid", "train_rsp", "train_avid_acc", "train_rsp_acc", "clips_per_s"] if rspnet
-            else ["train_loss", "train_acc", "clips_per_s"])
     callbacks = [RunLogger(run_log),
                  Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes, keep_best=False),
-                 EpochLine(line, log, prefix="pretrain epoch")]
+                 EpochLine(list(task.line_keys), log, prefix="pretrain epoch")]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last, title="pretrain")
@@ -202,12 +208,19 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
         return None
     encoder_path = out_dir / "checkpoints" / "encoder.pt"
     state_mod.save(state_mod.build_checkpoint(cfg, task, state), encoder_path)
-    if rspnet:
-        log.info("no retention probe for task.name=rspnet (the probe freezes the speed task's classifier "
-                 "head; RSPNet has none): fine-tune without eval.retention")
-    else:
-        write_retention_probe(encoder_path, paths, cfg, out_dir / "retention_probe.pt")
+    task.after_training(encoder_path, paths, out_dir)
     return encoder_path
+
+
+def _pretext_task(cfg, encoder, paths, info, norm):
+    """A single-clip pretext task of :data:`PRETEXT_TASKS` (a linear head on the encoder) and its dataset."""
+    pretext = PRETEXT_TASKS[cfg.task.name](cfg.task.strides, cfg.data.clip_len)
+    model = PretextModel(encoder, pretext.num_outputs)
+    channels_last = prepare_model(model, cfg, info.device)
+    seed_everything(cfg.run.seed + info.rank)
+    ds = PretextClipDataset(paths, pretext, cfg.data.size, cfg.data.backend, cfg.run.seed,
+                            tuple(cfg.data.crop_area), norm=norm)
+    return PretextTask(cfg, pretext, model), ds, channels_last
 
 
 def _rspnet_task(cfg, encoder, paths, info, norm):
