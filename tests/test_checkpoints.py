@@ -333,8 +333,8 @@ def test_atomic_save_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path
     assert os.listdir(path.parent) == ["last.pt"]
     assert safe_load(path)["epoch"] == 2
 
-    def crash(obj, target):  # a save that dies half-way (disk full, kill)
-        Path(target).write_bytes(b"partial")
+    def crash(obj, target):  # a save that dies half-way (an I/O error, kill); target: the temp file's handle
+        target.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)

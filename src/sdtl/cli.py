@@ -32,6 +32,16 @@ def _add_run_args(p: argparse.ArgumentParser, kind: str) -> None:
                         "or a checkpoint path")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (same as --set run.deterministic=true)")
+    add_slurm_options(p)
+
+
+def add_slurm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slurm", action="store_true",
+                   help="submit this command as a Slurm job (resources: the config's slurm section, e.g. "
+                        "--set slurm.gpus_per_node=4 --set slurm.time=48:00:00); prints the job id and its log. "
+                        "Preempted or timed-out jobs write their state, requeue and resume. Needs sdtl[slurm]")
+    p.add_argument("--wait", action="store_true",
+                   help="with --slurm: wait for the job and exit with its status (0 done, 1 failed, 75 stopped)")
 
 
 def _load_run_config(args, kind: str):
@@ -57,10 +67,24 @@ def _load_run_config(args, kind: str):
     return cfgmod.load_config(source, overrides, kind=kind)
 
 
+def _check_slurm_flags(args) -> bool:
+    """True when the command is to be submitted to Slurm; ``--wait`` alone is a mistake."""
+    if args.wait and not args.slurm:
+        raise UserError("--wait waits for a Slurm job: use it with --slurm")
+    return bool(args.slurm)
+
+
 def cmd_finetune(args) -> int:
     from sdtl.engine.finetune import run_finetune
 
     cfg = _load_run_config(args, "finetune")
+    if _check_slurm_flags(args):
+        from sdtl.engine.slurm import submit_run
+
+        results = submit_run("finetune", cfg, args.out, args.resume, wait=args.wait)
+        if results:
+            print(f"video acc@1 {results['video_acc1']:.2f} -> {args.out}/results.json")
+        return 0
     results = run_finetune(cfg, args.out, resume=args.resume)
     if results:
         from sdtl.engine.evaluate import accuracy_line
@@ -73,7 +97,13 @@ def cmd_pretrain(args) -> int:
     from sdtl.engine.pretrain import run_pretrain
 
     cfg = _load_run_config(args, "pretrain")
-    path = run_pretrain(cfg, args.out, resume=args.resume)
+    if _check_slurm_flags(args):
+        from sdtl.engine.slurm import submit_run
+
+        result = submit_run("pretrain", cfg, args.out, args.resume, wait=args.wait)
+        path = result and result["encoder"]
+    else:
+        path = run_pretrain(cfg, args.out, resume=args.resume)
     if path:
         print(f"encoder checkpoint: {path}  (fine-tune with --set model.pretrained={path})")
     return 0

@@ -76,9 +76,10 @@ class RunInterrupted(SdtlError):
 
     exit_code = 75
 
-    def __init__(self, message: str, checkpoint=None) -> None:
+    def __init__(self, message: str, checkpoint=None, signum: int | None = None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = signum  # the signal that asked for the stop (None: another rank's, or not a signal)
 
     def __reduce__(self):
         return type(self), (str(self), self.checkpoint)

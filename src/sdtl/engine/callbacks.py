@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sdtl.atomic import atomic_copy
+from sdtl.engine import state as state_mod
 from sdtl.engine.evaluate import evaluate
 
 log = logging.getLogger("sdtl.finetune")
@@ -96,7 +96,9 @@ class RunLogger(Callback):
 
 class Checkpoints(Callback):
     """``last.pt`` at every epoch end (and ``best.pt`` when selection improved), and mid-epoch every
-    ``run.checkpoint_every_steps`` optimizer steps or ``run.checkpoint_every_minutes`` minutes."""
+    ``run.checkpoint_every_steps`` optimizer steps or ``run.checkpoint_every_minutes`` minutes. Every
+    write keeps the previous ``last.pt`` as ``prev.pt`` and a checksum beside each file
+    (:func:`sdtl.engine.state.save`)."""
 
     def __init__(self, every_steps: int = 0, every_minutes: float = 0.0, keep_best: bool = True) -> None:
         self.every_steps, self.every_minutes, self.keep_best = every_steps, every_minutes, keep_best
@@ -116,7 +118,7 @@ class Checkpoints(Callback):
         loop.save_last()
         self._saved = time.monotonic()
         if self.keep_best and loop.improved and loop.info.is_main:
-            atomic_copy(loop.last_path, loop.last_path.with_name("best.pt"))
+            state_mod.keep_best(loop.last_path)
 
 
 class EpochLine(Callback):

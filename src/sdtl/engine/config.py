@@ -13,6 +13,7 @@ inheritance between them, so what a recipe says is all it does.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,33 @@ class RunConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Resources of a ``--slurm`` job (sbatch options, through submitit). Where a run executes, not what
+    it computes: never part of a run's identity (a resume or a sweep may change it freely)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1  # 0: a CPU job
+    tasks_per_node: int = 0  # processes (ranks) per node; 0 = one per GPU, or 1 without GPUs
+    cpus_per_task: int = 8
+    mem: str = ""  # per node, sbatch's --mem syntax ("64G", "500M"); "" = the cluster's default
+    time: str = "24:00:00"  # [D-]HH:MM:SS, HH:MM:SS, MM:SS or minutes; a requeued job gets it again
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    extra: list[str] = field(default_factory=list)  # more sbatch options: ["exclusive", "mail-type=END"]
+    setup: list[str] = field(default_factory=list)  # shell lines run first in the job ("module load ...")
+    signal_delay_s: int = 120  # SIGUSR1 this long before the time limit: write the state and requeue
+    max_requeues: int = 20  # requeues after preemption / time limit before the job gives up
+    array_parallelism: int = 16  # `sweep --slurm`: jobs of the array running at once
+    job_name: str = ""  # "" = sdtl-<command>-<name of --out>
+
+
+#: config sections that say where a run executes, not what it computes: left out of a run's identity
+NOT_IDENTITY = ("slurm",)
+
+
+@dataclass
 class FinetuneConfig:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +162,7 @@ class FinetuneConfig:
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -185,6 +214,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     task: PretrainTaskConfig = field(default_factory=PretrainTaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 KINDS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
@@ -528,6 +558,7 @@ def validate_ranges(cfg) -> None:
     need(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     need(0 <= cfg.model.drop_path < 1, "model.drop_path", "must be in [0, 1)")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+    check_slurm(cfg.slurm)
     if isinstance(cfg, PretrainConfig):
         _check_task_keys(cfg.task)
         t = cfg.task
@@ -539,6 +570,71 @@ def validate_ranges(cfg) -> None:
         need(t.avid_weight >= 0, "task.avid_weight", "must be >= 0")
         need(t.rsp_weight >= 0, "task.rsp_weight", "must be >= 0")
         need(t.avid_weight + t.rsp_weight > 0, "task.rsp_weight", "task.avid_weight and task.rsp_weight are both 0")
+
+
+#: sbatch options the ``slurm`` section sets itself: refused in ``slurm.extra`` (say them with their key)
+SLURM_OWN_OPTIONS = {"nodes": "nodes", "gpus-per-node": "gpus_per_node", "ntasks-per-node": "tasks_per_node",
+                     "cpus-per-task": "cpus_per_task", "mem": "mem", "time": "time", "partition": "partition",
+                     "account": "account", "qos": "qos", "constraint": "constraint", "job-name": "job_name",
+                     "signal": "signal_delay_s", "array": "array_parallelism", "output": None, "error": None,
+                     "requeue": None, "open-mode": None, "wckey": None}
+
+
+def slurm_minutes(text: str) -> int:
+    """sbatch's ``--time`` formats -> whole minutes (rounded up): ``MM``, ``MM:SS``, ``HH:MM:SS``,
+    ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``. ``ValueError`` for anything else."""
+    text = str(text).strip()
+    days, rest = (text.split("-", 1) if "-" in text else ("0", text))
+    parts = rest.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        raise ValueError(text)
+    nums = [int(p) for p in parts]
+    if "-" in text:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, sec = (nums + [0, 0])[:3]
+    elif len(nums) == 3:
+        h, m, sec = nums
+    elif len(nums) == 2:
+        h, m, sec = 0, nums[0], nums[1]
+    else:
+        h, m, sec = 0, nums[0], 0
+    seconds = ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    return -(-seconds // 60)
+
+
+def check_slurm(s: SlurmConfig) -> None:
+    """The ``slurm`` section's values, before anything is submitted (types were checked on load)."""
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"slurm.{key}", f"{msg} (got {getattr(s, key)!r})")
+
+    need(s.nodes >= 1, "nodes", "must be >= 1")
+    need(s.gpus_per_node >= 0, "gpus_per_node", "must be >= 0 (0: a CPU job)")
+    need(s.tasks_per_node >= 0, "tasks_per_node", "must be >= 0 (0: one per GPU, or 1 without GPUs)")
+    need(s.gpus_per_node == 0 or s.tasks_per_node in (0, s.gpus_per_node), "tasks_per_node",
+         f"sdtl runs one process per GPU: leave it at 0 or set it to slurm.gpus_per_node={s.gpus_per_node}")
+    need(s.cpus_per_task >= 1, "cpus_per_task", "must be >= 1")
+    need(s.mem == "" or re.fullmatch(r"[0-9]+[KMGT]?", s.mem) is not None, "mem",
+         "sbatch's --mem: a number with an optional K/M/G/T suffix, e.g. 64G; \"\" = the cluster's default")
+    try:
+        minutes = slurm_minutes(s.time)
+    except ValueError:
+        minutes = -1
+    need(minutes > 0, "time", "a time limit as sbatch takes it: MM, HH:MM:SS or D-HH:MM:SS, e.g. 24:00:00")
+    need(0 <= s.signal_delay_s < minutes * 60, "signal_delay_s",
+         f"must be >= 0 and below slurm.time ({minutes} min): the job's warning before its time limit")
+    need(s.max_requeues >= 0, "max_requeues", "must be >= 0")
+    need(s.array_parallelism >= 1, "array_parallelism", "must be >= 1")
+    for key in ("partition", "account", "qos", "constraint", "job_name"):
+        need(not re.search(r"\s", getattr(s, key)), key, "must not contain spaces")
+    for item in s.extra:
+        name = item.split("=", 1)[0].strip().lstrip("-")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise ConfigError("slurm.extra", f"{item!r} is not an sbatch option; write them as "
+                              "[\"exclusive\", \"mail-type=END\"] (long names, no leading --)")
+        if name in SLURM_OWN_OPTIONS:
+            own = SLURM_OWN_OPTIONS[name]
+            raise ConfigError("slurm.extra", f"{item!r}: " + (f"set it with slurm.{own}" if own else
+                              "sdtl sets this option itself (logs under OUT/slurm, requeue on preemption)"))
 
 
 def _check_task_keys(task: PretrainTaskConfig) -> None:

@@ -45,14 +45,15 @@ log = logging.getLogger("sdtl.loop")
 
 
 class StopRequest:
-    """SIGINT / SIGTERM / SIGUSR1 → a flag (installed for the duration of a ``with`` block).
+    """SIGINT / SIGTERM / SIGUSR1 / SIGUSR2 → a flag (installed for the duration of a ``with`` block).
 
     A second SIGINT while the first is pending interrupts at once (KeyboardInterrupt), as usual.
     Outside the main thread (where Python cannot install handlers) nothing is installed.
     """
 
+    # SIGUSR2: submitit's default preemption signal (sdtl's Slurm jobs are told to use SIGUSR1)
     SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
-                                getattr(signal, "SIGUSR1", None)) if s is not None)
+                                getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s is not None)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -263,7 +264,7 @@ class Loop:
         dist_utils.barrier(self.info)
         where = f"epoch {epoch}, step {step} of {len(self.loader)}" if step is not None else f"the end of epoch {epoch}"
         raise RunInterrupted(f"training stopped by {self.stop.name} at {where}; its state is in {self.last_path}",
-                             checkpoint=self.last_path)
+                             checkpoint=self.last_path, signum=self.stop.signum)
 
 
 # ------------------------------------------------------------------------------ assembly

@@ -26,17 +26,33 @@ a pure function of (seed, epoch), and the position in it is ``step_in_epoch``.
 Version-1 checkpoints (written before this layout) are read through :func:`read_checkpoint`, which
 moves their top-level ``regularizer_state`` into ``task_state`` and ``probe_prev_features`` into
 ``callback_state``.
+
+On disk (:func:`save`): every checkpoint a run writes gets ``NAME.sha256`` beside it (one
+``sha256sum`` line, written atomically after the checkpoint; the old one is removed just before the
+checkpoint's rename, so a file is never paired with another file's checksum). Before a new
+``last.pt`` is written the one it replaces becomes ``prev.pt`` (with its checksum; a hard link where
+the filesystem has them, so it costs no copy): the run keeps its last two checkpoints, and a resume
+whose ``last.pt`` turns out truncated or corrupted falls back to ``prev.pt``
+(:func:`sdtl.engine.rundir.start_run`). A ``last.pt`` that no longer matches its checksum is never
+made ``prev.pt``: it is set aside as ``last.pt.corrupt``. ``best.pt`` is a copy of ``last.pt`` with
+its checksum (:func:`keep_best`).
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtl.engine import config as cfgmod
 from sdtl.engine.runtime import capture_rng
-from sdtl.models.checkpoints import save_checkpoint
+from sdtl.models.checkpoints import checkpoint_problem, checksum_path, copy_checkpoint, save_checkpoint
 
 CHECKPOINT_VERSION = 2
+LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"  # OUT/checkpoints/: the newest, the one before, the selected
+CORRUPT_SUFFIX = ".corrupt"
+
+log = logging.getLogger("sdtl.checkpoints")
 
 
 @dataclass
@@ -105,5 +121,54 @@ def read_checkpoint(payload: dict) -> tuple[TrainState, dict]:
 
 
 def save(payload: dict, path: Path) -> Path:
-    """Write a checkpoint atomically (a crash leaves the old file or the new one, never half of one)."""
-    return save_checkpoint(payload, path)
+    """Write a checkpoint atomically (a crash leaves the old file or the new one, never half of one),
+    with its checksum file. A run's ``last.pt`` first keeps the one it replaces as ``prev.pt``.
+
+    A full disk raises :class:`~sdtl.atomic.NoSpaceError` naming ``path``; the old file is intact.
+    """
+    path = Path(path)
+    if path.name == LAST:
+        keep_previous(path)
+    return save_checkpoint(payload, path, checksum=True)
+
+
+def keep_previous(last: Path) -> Path | None:
+    """``prev.pt`` := ``last.pt`` (with its checksum), before ``last.pt`` is replaced.
+
+    A ``last.pt`` that does not match its checksum must not replace a good ``prev.pt``: it is set
+    aside (``last.pt.corrupt``) instead, with a warning. Returns ``prev.pt`` when it was updated.
+    """
+    last = Path(last)
+    if not last.is_file():
+        return None
+    problem = checkpoint_problem(last, trust_own_writes=True)
+    if problem is not None:
+        set_aside(last, problem)
+        return None
+    return copy_checkpoint(last, last.with_name(PREV))
+
+
+def keep_best(last: Path) -> Path:
+    """``best.pt`` := ``last.pt`` (with its checksum)."""
+    return copy_checkpoint(last, Path(last).with_name(BEST))
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a run's unusable checkpoint out of the way (``NAME.corrupt``, replacing an older one) so that
+    nothing takes it for a good one; its checksum file goes with it. Says so in the log."""
+    path = Path(path)
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    os.replace(path, aside)
+    sidecar = checksum_path(path)
+    if sidecar.exists():
+        os.replace(sidecar, checksum_path(aside))
+    log.warning("%s: %s; kept as %s for inspection (sdtl will not read it)", path, reason, aside.name)
+    return aside
+
+
+def describe_position(payload: dict) -> str:
+    """``"the end of epoch 3"`` / ``"epoch 4, step 2 (3 epochs completed)"``: where a checkpoint stands."""
+    epoch, step = int(payload.get("epoch") or 0), int(payload.get("step_in_epoch") or 0)
+    if step:
+        return f"epoch {epoch + 1}, step {step} ({epoch} epoch(s) completed)"
+    return f"the end of epoch {epoch}" if epoch else "the start (no epoch completed)"

@@ -32,6 +32,7 @@ Formats recognised by :func:`detect_format`:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdtl.atomic import atomic_write
+from sdtl.atomic import atomic_link, atomic_write, atomic_write_stream, atomic_write_text
 from sdtl.errors import CheckpointError, UserError
 from sdtl.models.classifier import VideoClassifier, arch_option_names, build_encoder, build_model
 from sdtl.models.registry import specs
@@ -130,17 +131,133 @@ def _needs_full_unpickling(path: Path, exc: Exception) -> str | None:
     return None
 
 
+def _run_of(path: Path) -> Path | None:
+    """The sdtl run folder a checkpoint belongs to (``RUN/checkpoints/NAME`` beside ``RUN/config.yaml``)."""
+    parent = Path(path).parent
+    return parent.parent if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file() else None
+
+
+def _remedy(path: Path) -> str:
+    """What to do about an unusable file: a run's own checkpoint is not downloaded from anywhere."""
+    run = _run_of(path)
+    if run is None:
+        return "re-download or re-save it"
+    others = [name for name in RUN_CHECKPOINTS if name != Path(path).name and (Path(path).parent / name).is_file()]
+    return (f"it is a checkpoint of the sdtl run {run}: --resume auto falls back to the run's previous good "
+            f"checkpoint by itself" + (f" (the run also has {', '.join(others)})" if others else ""))
+
+
+def _bad_file(path: Path, reason: str) -> CheckpointError:
+    """A :class:`CheckpointError` for a file that cannot be used; ``.reason`` says why without the path."""
+    error = CheckpointError(f"{path}: {reason}; {_remedy(path)}", path=path)
+    error.reason = reason
+    return error
+
+
 def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
     if path.stat().st_size == 0:
-        return CheckpointError(f"{path}: empty file, not a checkpoint; re-download or re-save it", path=path)
+        return _bad_file(path, "empty file, not a checkpoint")
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if len(reason) > 160:
         reason = reason[:157] + "..."
-    return CheckpointError(
-        f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); "
-        "the file is truncated, corrupted or not a checkpoint at all - re-download or re-save it",
-        path=path,
-    )
+    return _bad_file(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); the file is "
+                           "truncated, corrupted or not a checkpoint at all")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums beside the checkpoints a run writes
+
+#: a run's checkpoints (OUT/checkpoints/): the newest, the one before it, the selected one
+RUN_CHECKPOINTS = ("last.pt", "prev.pt", "best.pt")
+CHECKSUM_SUFFIX = ".sha256"
+_CHECKSUM_LINE = re.compile(r"^\s*([0-9a-fA-F]{64})(?:\s|$)")  # sha256sum's line, or the bare digest
+_WRITTEN: dict[str, tuple] = {}  # what this process wrote or verified: path -> (stat identity, digest)
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """``last.pt`` -> ``last.pt.sha256`` (one ``sha256sum`` line: ``sha256sum -c`` checks it)."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checksum(path: str | os.PathLike) -> str | None:
+    """The sha256 recorded beside ``path``: None without a checksum file, ``""`` for one that cannot be read."""
+    try:
+        text = checksum_path(path).read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    match = _CHECKSUM_LINE.match(text)
+    return match.group(1).lower() if match else ""
+
+
+def write_checksum(path: str | os.PathLike, digest: str) -> Path:
+    path = Path(path)
+    atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
+    _remember(path, digest)
+    return checksum_path(path)
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns  # not ctime: hard-linking the file changes it
+
+
+def _remember(path: Path, digest: str) -> None:
+    try:
+        _WRITTEN[str(Path(path).absolute())] = (_identity(path), digest)
+    except OSError:
+        pass
+
+
+def checkpoint_problem(path: str | os.PathLike, trust_own_writes: bool = False) -> str | None:
+    """Why ``path``'s content does not match its checksum file (None: it matches, or it has none).
+
+    A checkpoint is replaced by a rename while others may read it, and its checksum file is removed
+    just before (and written just after): a mismatch is re-checked against a checksum file that changed
+    meanwhile. ``trust_own_writes``: a file this process wrote (or verified) and nobody replaced since
+    (same inode, size and times) is not read again.
+    """
+    path = Path(path)
+    for _ in range(3):
+        expected = read_checksum(path)
+        if expected is None:
+            return None
+        if expected == "":
+            if _run_of(path) is None:
+                return None  # someone else's NAME.sha256 in a format we do not know: not ours to judge by
+            return f"its checksum file {checksum_path(path).name} is unreadable, so its content cannot be trusted"
+        actual = None
+        if trust_own_writes:
+            known = _WRITTEN.get(str(path.absolute()))
+            try:
+                if known is not None and known[0] == _identity(path):
+                    actual = known[1]
+            except OSError:
+                pass
+        if actual is None:
+            try:
+                actual = file_sha256(path)
+            except FileNotFoundError:
+                continue  # replaced right now: look again
+        if actual == expected:
+            _remember(path, actual)
+            return None
+        if read_checksum(path) == expected:
+            size = path.stat().st_size
+            since = "after sdtl wrote it" if _run_of(path) is not None else "since its checksum was recorded"
+            return (f"checksum mismatch: {checksum_path(path).name} records sha256 {expected[:12]}..., the file "
+                    f"({size} bytes) has {actual[:12]}...: it was truncated or corrupted {since}")
+    return None  # rewritten three times while being checked: a live run's file, complete (renames are atomic)
 
 
 def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
@@ -151,13 +268,18 @@ def safe_load(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any
     with ``torch.load(weights_only=True, map_location="cpu")``. A file that needs full unpickling
     raises :class:`~sdtl.errors.CheckpointError` unless ``allow_unsafe_pickle`` is true, in which case
     it is loaded with ``weights_only=False`` and an :class:`UnsafePickleWarning` is emitted. Missing, empty,
-    truncated or non-checkpoint files raise :class:`~sdtl.errors.CheckpointError` naming the path.
+    truncated or non-checkpoint files raise :class:`~sdtl.errors.CheckpointError` naming the path, and so
+    does a file whose checksum file (``NAME.sha256``, written beside every checkpoint of a run) does
+    not match it; the error's ``reason`` says why without the path.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path", path=path)
     if path.is_dir():
         return _load_hf_folder(path)
+    problem = checkpoint_problem(path)  # only files with a checksum beside them (those sdtl runs write)
+    if problem is not None:
+        raise _bad_file(path, problem)
     if _is_safetensors(path):
         return _load_safetensors(path)
     try:
@@ -593,14 +715,40 @@ def _check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
 _atomic_write = atomic_write
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+def save_checkpoint(obj: Any, path: str | os.PathLike, checksum: bool = False) -> Path:
     """Save ``obj`` with ``torch.save`` atomically: a crash leaves either the old file or the new one.
 
-    Raises ``TypeError`` (a programming error) if ``obj`` holds anything that
+    ``torch.save`` writes through a file object of :mod:`sdtl.atomic`, so a full disk raises
+    :class:`~sdtl.atomic.NoSpaceError` naming ``path`` (not torch's ``unexpected pos``), with no temp
+    file left. ``checksum``: also write ``NAME.sha256`` (sha256 of the bytes written) after it; the
+    old checksum file is removed just before the rename, so a crash never pairs a file with another's
+    checksum. Raises ``TypeError`` (a programming error) if ``obj`` holds anything that
     ``torch.load(weights_only=True)`` would refuse, so every sdtl checkpoint stays safely loadable.
     """
     _check_weights_only_safe(obj)
-    return _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    path = Path(path)
+    stale = (lambda: checksum_path(path).unlink(missing_ok=True)) if checksum else None
+    digest = atomic_write_stream(path, lambda handle: torch.save(obj, handle), before_replace=stale)
+    if checksum:
+        write_checksum(path, digest)
+    return path
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``dst`` becomes a copy of checkpoint ``src`` (a hard link where the filesystem has them: checkpoints
+    are only ever replaced by a rename, never changed in place), atomically, with ``src``'s checksum
+    file, if any. ``src`` must match its checksum (a :class:`~sdtl.errors.CheckpointError` otherwise):
+    a corrupted file never gets a valid checksum by being copied."""
+    src, dst = Path(src), Path(dst)
+    problem = checkpoint_problem(src, trust_own_writes=True)
+    if problem is not None:
+        raise _bad_file(src, problem)
+    digest = read_checksum(src)
+    checksum_path(dst).unlink(missing_ok=True)  # never a moment with dst's new content and its old checksum
+    atomic_link(src, dst)
+    if digest:
+        write_checksum(dst, digest)
+    return dst
 
 
 def export_encoder(

@@ -205,6 +205,71 @@ class InProcess(Executor):
         return failed
 
 
+class SlurmArray(Executor):
+    """The unfinished runs as one Slurm job array (through submitit), ``slurm.array_parallelism`` at a
+    time, logs and job records in ``OUT/slurm``. A run whose last job is still queued or running is not
+    submitted again. ``wait``: wait for every job, then report the failed ones (with their reason);
+    otherwise return after submitting (``submitted`` holds ``{run name: job id}``)."""
+
+    def __init__(self, study: str, out: Path, slurm_cfg, wait: bool) -> None:
+        self.study, self.out, self.slurm_cfg, self.wait = study, Path(out), slurm_cfg, wait
+        self.submitted: dict[str, str] = {}
+
+    def run(self, todo: list[RunSpec]) -> dict[str, str]:
+        from sdtl.engine import config as cfgmod
+        from sdtl.engine import slurm
+
+        folder = self.out / "slurm"
+        states = job_states(folder)
+        live = {name: st for name, st in states.items() if st["state"] in ("queued", "running")}
+        for name, st in live.items():
+            log.info("%s: %s is already %s as Slurm job %s: not submitted again", self.study, name, st["state"],
+                     st["job_id"])
+        submit = [spec for spec in todo if spec.name not in live]
+        jobs = []
+        if submit:
+            executor = slurm.make_executor(folder, self.slurm_cfg, self.slurm_cfg.job_name or f"sdtl-{self.study}")
+            with executor.batch():
+                for spec in submit:
+                    jobs.append(executor.submit(slurm.SlurmRun("finetune", cfgmod.to_dict(spec.config()),
+                                                               str(spec.dir.resolve()), "auto")))
+            for spec, job in zip(submit, jobs):
+                slurm.record_submission(folder, {"run": spec.name, "job_id": job.job_id, "log": str(job.paths.stdout),
+                                                 "result": str(job.paths.result_pickle),
+                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                self.submitted[spec.name] = job.job_id
+            array = jobs[0].job_id.split("_")[0]
+            print(f"submitted Slurm job array {array}: {len(jobs)} run(s) of the {self.study}, at most "
+                  f"{self.slurm_cfg.array_parallelism} at a time; logs in {folder}")
+        if not self.wait:
+            return {}
+        failed = {}
+        pending = [(spec.name, job.job_id, job.paths.result_pickle) for spec, job in zip(submit, jobs)]
+        pending += [(name, st["job_id"], Path(st["result"])) for name, st in live.items()]
+        for name, job_id, result in pending:
+            state, detail = slurm.wait_for(job_id, result, quiet=True)
+            if state != "done":
+                failed[name] = f"Slurm job {job_id} {state}: {detail}"
+                log.warning("%s: %s %s", self.study, name, failed[name])
+        return failed
+
+
+def job_states(folder: Path) -> dict[str, dict]:
+    """``{run name: {"job_id", "state", "detail", "log", "result"}}`` of each run's latest submission in
+    ``folder`` (``OUT/slurm``), its state asked of Slurm now."""
+    from sdtl.engine import slurm
+
+    latest = {}
+    for row in slurm.read_submissions(folder):
+        if "run" in row:
+            latest[row["run"]] = row
+    out = {}
+    for name, row in latest.items():
+        state, detail = slurm.job_state(row["job_id"], Path(row["result"]))
+        out[name] = {**row, "state": state, "detail": detail}
+    return out
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     try:
         import ctypes
@@ -297,10 +362,18 @@ def add_parallel_option(p) -> None:
                         "(default 1: one after another in this process)")
 
 
-def make_executor(study: str, parallel: int, out: Path) -> Executor:
-    """In this process for ``parallel`` 1, else a pool of ``parallel`` child processes (logs in OUT/logs)."""
+def make_executor(study: str, parallel: int, out: Path, slurm_cfg=None, wait: bool = False) -> Executor:
+    """In this process for ``parallel`` 1, else a pool of ``parallel`` child processes (logs in OUT/logs);
+    with ``slurm_cfg`` (``--slurm``) a Slurm job array."""
     if parallel < 1:
         raise UserError(f"--parallel {parallel}: must be >= 1")
+    if slurm_cfg is not None:
+        if parallel != 1:
+            raise UserError(f"--parallel {parallel}: runs children on this machine; with --slurm the number of "
+                            f"runs at a time is slurm.array_parallelism (--set slurm.array_parallelism=N)")
+        return SlurmArray(study, out, slurm_cfg, wait)
+    if wait:
+        raise UserError("--wait waits for Slurm jobs: use it with --slurm")
     return InProcess(study) if parallel == 1 else SubprocessPool(study, parallel, Path(out) / "logs")
 
 

@@ -240,15 +240,16 @@ def plot(summary: dict, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ entry point
 def run_sweep(config: str, grid_items: list[str], seeds: int, out: str | Path, sets: list[str] | None = None,
-              dry_run: bool = False, parallel: int = 1, extend: bool = False, command: str | None = None) -> dict | None:
+              dry_run: bool = False, parallel: int = 1, extend: bool = False, command: str | None = None,
+              slurm: bool = False, wait: bool = False) -> dict | None:
     out = Path(out)
     sets = list(sets or [])
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1 (the sweep runs seeds 0..N-1)")
-    executor = core.make_executor("sweep", parallel, out)
     grid = parse_grid(grid_items)
     runs = plan_runs(grid, seeds, out, config, sets)
     cfgs = core.build_configs(runs, "sweep")  # every config valid before anything is written
+    executor = core.make_executor("sweep", parallel, out, cfgs[0].slurm if slurm else None, wait)
     identity = sweep_identity(config, sets, grid, seeds)
     if dry_run:
         claim(out, identity, extend)
@@ -266,6 +267,10 @@ def run_sweep(config: str, grid_items: list[str], seeds: int, out: str | Path, s
         core.write_json(out / MARKER, {**marker, **earlier})
         t0 = time.perf_counter()
         failed = core.run_all(runs, cfgs, executor, "sweep")
+        if slurm and not wait:
+            print(f"see each run's state with: sdtl sweep --status {out}; when every run is done, re-run this "
+                  f"command to write sweep.md (it submits only what is missing or failed)")
+            return None
         summary = summarise(runs, grid, seeds, failed, out)
         # wall time adds up over the invocations that ran this sweep's runs
         summary.update(marker, **core.accumulate_wall_time(earlier, {"wall_time_s": time.perf_counter() - t0}))
@@ -276,13 +281,61 @@ def run_sweep(config: str, grid_items: list[str], seeds: int, out: str | Path, s
     return summary
 
 
+def sweep_status(out: str | Path) -> list[dict]:
+    """Each run of the sweep in ``out``: ``done``, ``queued`` / ``running`` / ``failed`` / ``stopped``
+    (its latest Slurm job, with the reason), ``partial`` (has checkpoints, no job running: re-run the
+    sweep to resume it) or ``not started``. Printed by ``sdtl sweep --status``."""
+    out = Path(out)
+    marker = core.read_marker(out, MARKER) if out.is_dir() else None
+    if not marker or "identity" not in marker:
+        raise UserError(f"--status {out}: no sweep.json there; give the --out folder of an `sdtl sweep`")
+    identity = marker["identity"]
+    runs = plan_runs(identity["grid"], identity["seeds"], out, marker["config"], marker.get("sets") or [])
+    jobs = core.job_states(out / "slurm") if (out / "slurm").is_dir() else {}
+    rows = []
+    for run in runs:
+        job = jobs.get(run.name)
+        if run.finished:
+            state, detail = "done", ""
+        elif job and job["state"] != "done":
+            state, detail = job["state"], job["detail"] or ""
+            if state in ("failed", "stopped", "unknown"):
+                detail = f"{detail} (log: {job['log'].replace('%t', '0')})"
+        elif (run.dir / "checkpoints" / "last.pt").exists():
+            state, detail = "partial", "has checkpoints; re-run the sweep to resume it"
+        else:
+            state, detail = "not started", ""
+        rows.append({"run": run.name, "state": state, "job_id": (job or {}).get("job_id", ""), "detail": detail})
+    return rows
+
+
+def render_status(rows: list[dict]) -> str:
+    width = max(len(r["run"]) for r in rows)
+    lines = [f"{'run':<{width}}  {'state':<11}  {'job':<10}  detail"]
+    lines += [f"{r['run']:<{width}}  {r['state']:<11}  {r['job_id']:<10}  {r['detail']}".rstrip() for r in rows]
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------- the CLI
 def _cmd(args) -> int:
     import shlex
 
+    if args.status:
+        print(render_status(sweep_status(args.status)))
+        return 0
+    missing = [flag for flag, value in (("--config", args.config), ("--grid", args.grid), ("--out", args.out))
+               if not value]
+    if missing:
+        raise UserError(f"sdtl sweep needs {', '.join(missing)} (or --status DIR to show a sweep's runs)")
+    if args.wait and not args.slurm:
+        raise UserError("--wait waits for Slurm jobs: use it with --slurm")
     run_sweep(args.config, args.grid, args.seeds, args.out, sets=args.overrides, dry_run=args.dry_run,
               parallel=args.parallel, extend=args.extend,
-              command=shlex.join(["sdtl", *getattr(args, "argv", [])]))
+              command=shlex.join(["sdtl", *getattr(args, "argv", [])]), slurm=args.slurm, wait=args.wait)
     return 0
 
 
@@ -298,15 +351,22 @@ def register(sub) -> None:
                        epilog="example: sdtl sweep --config ucf101_r21d_sd --grid regularizer.weight=0.1,1,10,100,1000 "
                               "--seeds 3 --out sweeps/lambda --set data.root=/data/UCF101 "
                               "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
-    p.add_argument("--config", required=True, metavar="NAME_OR_PATH", help="fine-tuning recipe name or YAML file")
-    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2,...",
+    p.add_argument("--config", metavar="NAME_OR_PATH", help="fine-tuning recipe name or YAML file")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a swept config key and its values (repeatable: the sweep runs the product), "
                         "e.g. --grid regularizer.weight=0.1,1,10 --grid optim.lr=0.01,0.1; list values as [a,b]")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per point (default 1)")
-    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (new, or this sweep's to continue it)")
     add_set(p, "override a config key for every run, as in finetune (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     core.add_parallel_option(p)
     p.add_argument("--extend", action="store_true",
                    help="add values or seeds to the sweep already in --out (finished runs are reused)")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit each point x seed as one job of a Slurm job array (slurm.array_parallelism at a "
+                        "time; resources from the slurm config section); re-running submits only what is missing "
+                        "or failed. Needs sdtl[slurm]")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the jobs, then write the summary")
+    p.add_argument("--status", metavar="DIR", help="show each run of the sweep in DIR: done / running / queued / "
+                                                   "failed (with the reason) / partial / not started; runs nothing")
     p.set_defaults(func=_cmd, resume_hint=core.RERUN_HINT)
