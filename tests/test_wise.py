@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import pytest
 import torch
@@ -188,3 +190,170 @@ def test_wise_help_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "wise" in proc.stdout and "--finetuned" in proc.stderr  # listed; a missing flag is named
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ----------------------------------------------------------------------------- decoding once
+def _count_opens(monkeypatch) -> Counter:
+    """Count every video the datasets open (one open = one decoding pass over all of an item's clips)."""
+    from sdtl.data import datasets
+
+    opened = Counter()
+    real = datasets.open_video
+
+    def counting(path, *args, **kwargs):
+        opened[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "open_video", counting)
+    return opened
+
+
+def _record_logits(monkeypatch) -> list:
+    """Every logits tensor ``evaluate`` computes, in order."""
+    from sdtl.engine import evaluate as ev
+
+    logits, real = [], ev.forward_clips
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        logits.append(out.clone())
+        return out
+
+    monkeypatch.setattr(ev, "forward_clips", recording)
+    return logits
+
+
+def _lists(b, overrides):
+    """The run's validation and test video paths (as wise builds them)."""
+    from sdtl.engine.build import build_datasets
+    from sdtl.engine.evaluate import checkpoint_config
+
+    cfg = checkpoint_config(torch.load(b, map_location="cpu", weights_only=True), overrides)
+    _, val_ds, test_ds, _ = build_datasets(cfg)
+    return [str(p) for p in val_ds.paths], [str(p) for p in test_ds.paths]
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))  # NaN == NaN here
+
+
+def test_wise_decodes_each_video_once_and_scores_each_alpha_as_its_own_pass(wise_runs, tmp_path, monkeypatch):
+    """Three alphas open each validation and test video once (not three times), and alpha 0.5's logits
+    and metrics equal, bit for bit, an evaluation of θ_0.5 that decodes the lists itself (today's way)."""
+    from sdtl.engine import distributed as dist_utils
+    from sdtl.engine.build import build_datasets
+    from sdtl.engine.evaluate import checkpoint_config, evaluate, make_eval_loader
+    from sdtl.models.checkpoints import build_model_from_checkpoint
+    from sdtl.studies.wise import METRICS, load_theta0, run_wise
+
+    b, _ = wise_runs
+    overrides = ["eval.batch_size=4"]  # 2 clips per test video: 2 videos a batch, several batches per list
+    val_paths, test_paths = _lists(b, overrides)
+    assert len(val_paths) > 2 and len(test_paths) > 2 and not set(val_paths) & set(test_paths)
+
+    opened, logits = _count_opens(monkeypatch), _record_logits(monkeypatch)
+    rep = run_wise(b, tmp_path / "w", alphas=[0.0, 0.5, 1.0], overrides=overrides)
+    assert dict(opened) == {p: 1 for p in val_paths + test_paths}  # once for the whole sweep, not per alpha
+    assert len(logits) % 3 == 0
+    per_alpha = len(logits) // 3
+    wise_mid = logits[per_alpha:2 * per_alpha]  # alpha 0.5: its validation batches, then its test batches
+
+    # alpha 0.5 the old way: a model of its own, loaders that decode again
+    opened.clear()
+    logits.clear()
+    model, payload = build_model_from_checkpoint(b)
+    cfg = checkpoint_config(payload, overrides)
+    theta1 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    theta0, _ = load_theta0(cfg.model.pretrained, model, payload)
+    model.load_state_dict(interpolate(theta0, theta1, 0.5))
+    info = dist_utils.setup(cfg.run.device)
+    try:
+        _, val_ds, test_ds, classes = build_datasets(cfg)
+        outs = {part: evaluate(model, make_eval_loader(ds, 4, info, 0), len(classes), info, 4, None)
+                for part, ds in (("val", val_ds), ("test", test_ds))}
+    finally:
+        dist_utils.teardown()
+    assert dict(opened) == {p: 1 for p in val_paths + test_paths}
+    assert len(logits) == per_alpha
+    for got, want in zip(wise_mid, logits):
+        assert torch.equal(got, want)  # the same clips, crops and normalisation: the same logits
+    row = rep["results"][1]
+    assert row["alpha"] == 0.5
+    for part, out in outs.items():
+        assert row[f"num_{part}_videos"] == out.num_videos
+        for key in METRICS:
+            assert _same(row[part][key], out.metrics[key]), (part, key, row[part][key], out.metrics[key])
+
+
+def test_wise_decodes_per_alpha_what_does_not_fit_the_cache(wise_runs, tmp_path, monkeypatch, caplog, capsys):
+    """--cache-gib bounds the kept clips: the validation part first, then the test list with what is
+    left; a list that does not fit is decoded again for each alpha (logged), with the same results."""
+    import logging
+
+    from sdtl.engine.build import build_datasets
+    from sdtl.engine.evaluate import checkpoint_config
+    from sdtl.studies.wise import cache_budget, run_wise
+
+    b, _ = wise_runs
+    overrides = ["eval.num_clips=1"]
+    val_paths, test_paths = _lists(b, overrides)
+    cfg = checkpoint_config(torch.load(b, map_location="cpu", weights_only=True), overrides)
+    _, val_ds, test_ds, _ = build_datasets(cfg)
+    clip = 3 * cfg.data.clip_len * cfg.data.size ** 2 * 4
+    val_bytes = len(val_ds) * cfg.eval.val_clips * clip
+    test_bytes = len(test_ds) * cfg.eval.num_clips * cfg.eval.crops * clip
+    assert cache_budget(1.0)[0] > 100 * (val_bytes + test_bytes)  # this machine's memory does not decide below
+    either = (max(val_bytes, test_bytes) + clip) / 2 ** 30  # room for either list, not both: validation first
+
+    opened = _count_opens(monkeypatch)
+    reps = {}
+    for name, gib, val_n, test_n in (("none", 0.0, 2, 2), ("val", either, 1, 2),
+                                     ("all", 1.0, 1, 1)):
+        opened.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sdtl.wise"):
+            reps[name] = run_wise(b, tmp_path / name, alphas=[0.0, 1.0], overrides=overrides, cache_gib=gib)
+        assert dict(opened) == {**{p: val_n for p in val_paths}, **{p: test_n for p in test_paths}}, name
+        for part, n in (("val", val_n), ("test", test_n)):
+            if n == 2:
+                assert f"{part}: its decoded clips would take" in caplog.text, (name, caplog.text)
+                assert "decoding it again for each of the 2 alphas" in caplog.text
+            else:
+                assert f"{part}: decoding once for all 2 alphas" in caplog.text, (name, caplog.text)
+    assert reps["none"]["results"] == reps["val"]["results"] == reps["all"]["results"]
+
+    # one alpha: nothing to keep, nothing logged about it
+    opened.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdtl.wise"):
+        run_wise(b, tmp_path / "one", alphas=[1.0], overrides=overrides)
+    assert dict(opened) == {p: 1 for p in val_paths + test_paths}
+    assert "decod" not in caplog.text
+
+    for bad in ("-1", "nan", "inf"):
+        assert main(["-q", "wise", "--finetuned", str(b), "--out", str(tmp_path / "bad"), "--cache-gib", bad]) == 2
+        assert f"--cache-gib {bad}: must be a number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------ the run's own split
+def test_wise_refuses_set_that_moves_the_validation_split(wise_runs, tmp_path, capsys):
+    """data.val_fraction, run.seed and data.split choose the validation videos from the training list:
+    a --set changing one would choose alpha on videos the run trained on, so it is refused (exit 2,
+    one line naming the key and the run's value); the run's own values are accepted."""
+    b, _ = wise_runs
+    stored = torch.load(b, map_location="cpu", weights_only=True)["config"]
+    fraction, seed, split = stored["data"]["val_fraction"], stored["run"]["seed"], stored["data"]["split"]
+    out = tmp_path / "w"
+    for key, value, ours in (("data.val_fraction", 0.4, fraction), ("run.seed", seed + 3, seed),
+                             ("data.split", split + 1, split)):
+        err = _fails(capsys, ["--finetuned", str(b), "--out", str(out), "--alphas", "1", "--set", "eval.num_clips=1",
+                              "--set", f"{key}={value}"],
+                     f"--set {key}={value}", f"with {key}={ours}", "videos the run trained on")
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+        assert not out.exists()  # refused before anything is written
+
+    assert main(["-q", "wise", "--finetuned", str(b), "--out", str(out), "--alphas", "1", "--set", "eval.num_clips=1",
+                 "--set", f"data.val_fraction={fraction}", "--set", f"run.seed={seed}"]) == 0
+    rep = json.loads((out / "wise.json").read_text())
+    assert f"data.val_fraction={fraction}" in rep["protocol"]["val"]["validation_part"]

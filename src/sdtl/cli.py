@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdtl.data import cli as data_cli
     from sdtl.data import synthetic
     from sdtl.models import cli as models_cli
-    from sdtl.studies import compare, demo, represent, sweep, wise
+    from sdtl.studies import compare, demo, represent, sweep, tune, wise
 
-    for area in (wise, sweep, demo, compare, represent, synthetic, data_cli, models_cli):
+    for area in (wise, sweep, tune, demo, compare, represent, synthetic, data_cli, models_cli):
         area.register(sub)
     return parser
 

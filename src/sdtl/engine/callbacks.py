@@ -4,7 +4,10 @@ A callback sees the loop after every optimizer step (``on_step_end``) and after 
 (``on_epoch_end``, with the epoch's record, to which it may add metrics). The loop calls them in the
 order it was given; fine-tuning uses::
 
-    Validation → ForgettingDiagnostics → Selection → RunLogger → Checkpoints → EpochLine
+    Validation → ForgettingDiagnostics → Selection → RunLogger → Checkpoints → Tracking → EpochLine
+
+(``Tracking``: MLflow / W&B, :mod:`sdtl.engine.trackers`; after the checkpoint, so that a tracker never
+holds an epoch that a resume trains again.)
 
 A callback with state a resumed run needs returns it from :meth:`Callback.state_dict` (it is stored
 in the checkpoint under ``callback_state[name]``). A tuner that prunes trials or a tracker that

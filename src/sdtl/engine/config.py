@@ -115,7 +115,14 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     progress: bool = True  # per-epoch progress bar
-    tensorboard: bool = True
+    tensorboard: bool = True  # kept for old recipes: false turns TensorBoard off even when run.trackers names it
+    # Where the per-epoch metrics also go (sdtl.engine.trackers): tensorboard (OUT/tb), mlflow, wandb.
+    # mlflow and wandb are optional extras: pip install 'sdtl[mlflow]' / 'sdtl[wandb]'.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI if set, else a SQLite store in the run (OUT/mlflow.db)
+    mlflow_experiment: str = "sdtl"
+    wandb_project: str = "sdtl"
+    wandb_mode: str = "auto"  # auto (online with $WANDB_API_KEY, $WANDB_MODE if set, else offline) | offline | online
     channels_last: str = "auto"  # auto (channels_last_3d on CUDA) | on | off: memory format of model and clips
     cudnn_benchmark: bool = True  # cuDNN autotuning (CUDA; never with deterministic)
     compile: bool = False  # torch.compile the model (pays off on long runs; first steps are slow)
@@ -230,6 +237,8 @@ CHOICES = {
     "optim.amp": ("auto", "off", "bf16", "fp16"),
     "optim.fused": ("auto", "on", "off"),
     "run.channels_last": ("auto", "on", "off"),
+    "run.trackers": ("tensorboard", "mlflow", "wandb"),  # a list: each item one of these
+    "run.wandb_mode": ("auto", "offline", "online"),
     "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
     "run.device": ("auto", "cpu", "cuda"),
     "task.name": ("speed", "rspnet"),
@@ -490,8 +499,11 @@ def _check_choices(cfg, where: str) -> None:
 
 def _check_choice(key: str, value) -> None:
     allowed = choices_for(".".join(key.split(".")[-2:]))
-    if allowed is not None and value not in allowed:
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+    if allowed is None:
+        return
+    for item in value if isinstance(value, list) else [value]:  # a list key: each item is one of the choices
+        if item not in allowed:
+            raise ConfigError(key, f"{item!r} is not one of {', '.join(allowed)}")
 
 
 def _regularizer_from_dict(data: Any, where: str) -> RegularizerConfig:
@@ -542,6 +554,7 @@ def validate_ranges(cfg) -> None:
     need(data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     need(cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0 (0 = only at epoch ends)")
     need(cfg.run.checkpoint_every_minutes >= 0, "run.checkpoint_every_minutes", "must be >= 0 (0 = off)")
+    _check_trackers(cfg.run)
     o = cfg.optim
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -570,6 +583,20 @@ def validate_ranges(cfg) -> None:
         need(t.avid_weight >= 0, "task.avid_weight", "must be >= 0")
         need(t.rsp_weight >= 0, "task.rsp_weight", "must be >= 0")
         need(t.avid_weight + t.rsp_weight > 0, "task.rsp_weight", "task.avid_weight and task.rsp_weight are both 0")
+
+
+def _check_trackers(run: RunConfig) -> None:
+    """``run.trackers``: known names (also checked on load), each once; the options they read. Whether
+    mlflow / wandb are installed is checked by the run itself (:func:`sdtl.engine.trackers.check_installed`),
+    so that evaluating a run that used them needs neither."""
+    for item in run.trackers:
+        _check_choice("run.trackers", item)
+    twice = sorted({t for t in run.trackers if run.trackers.count(t) > 1})
+    if twice:
+        raise ConfigError("run.trackers", f"{twice[0]!r} is named twice (got {run.trackers!r})", "name each tracker once")
+    for key in ("mlflow_experiment", "wandb_project"):
+        if not getattr(run, key).strip():
+            raise ConfigError(f"run.{key}", "must not be empty", f"the default is {getattr(RunConfig, key)!r}")
 
 
 #: sbatch options the ``slurm`` section sets itself: refused in ``slurm.extra`` (say them with their key)

@@ -51,6 +51,7 @@ from sdtl.engine.reporting import RunLog
 from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
+from sdtl.engine.trackers import Tracking, check_installed, tensorboard_enabled
 from sdtl.models.classifier import FeaturesAndLogits, model_options
 from sdtl.regularizers.registry import metric_parts
 
@@ -141,12 +142,20 @@ def epoch_line_keys() -> list[str]:
             "clips_per_s", "data_wait"]
 
 
-def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | None = None) -> dict | None:
-    """Run a whole fine-tuning job; returns the results dict on rank 0 (None on other ranks)."""
-    return run_in_process_group(cfg, _run, out_dir, resume)
+def run_finetune(cfg: cfgmod.FinetuneConfig, out_dir: str | Path, resume: str | None = None,
+                 callbacks: tuple = ()) -> dict | None:
+    """Run a whole fine-tuning job; returns the results dict on rank 0 (None on other ranks).
+
+    ``callbacks``: more call-outs of the loop, called after the run's own at each epoch end (the epoch's
+    record, log line and checkpoint are written by then), e.g. a tuner's pruning; an exception they
+    raise stops the run there and propagates."""
+    import functools
+
+    return run_in_process_group(cfg, functools.partial(_run, extra_callbacks=tuple(callbacks)), out_dir, resume)
 
 
-def _run(cfg, out_dir: Path, resume, info) -> dict | None:
+def _run(cfg, out_dir: Path, resume, info, extra_callbacks: tuple = ()) -> dict | None:
+    check_installed(cfg)  # run.trackers naming mlflow / wandb without the package: refused before any work
     resume_path, payload = start_run(cfg, out_dir, resume, info, "finetune")
     seed_everything(cfg.run.seed)
     train_ds, val_ds, test_ds, classes = build_datasets(cfg)
@@ -179,29 +188,31 @@ def _run(cfg, out_dir: Path, resume, info) -> dict | None:
     probe, initial = _forgetting_probe(cfg, model, train_ds, classes, out_dir, info, payload)
     eval_bs = cfg.eval.batch_size or cfg.data.batch_size
     val_loader = make_eval_loader(val_ds, eval_bs, info, cfg.data.workers) if val_ds is not None else None
-    run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, state.history)
+    run_log = RunLog(out_dir, info.is_main, tensorboard_enabled(cfg), state.history)
     state.history = run_log.history  # one list: the log appends, checkpoints store it
     if initial is not None:
         run_log.log_epoch(initial)
     if info.is_main:
         _describe_start(cfg, out_dir, train_ds, val_ds, test_ds, classes, load_report, resume_path, info)
+    tracking = Tracking.open(cfg, out_dir, info, state.history, "finetune")  # mlflow / wandb (rank 0)
     callbacks = [Validation(val_loader, len(classes), eval_bs),
                  *([ForgettingDiagnostics(probe)] if probe is not None else []),
                  Selection(), RunLogger(run_log),
-                 Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes),
-                 EpochLine(epoch_line_keys)]
+                 Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes), tracking,
+                 EpochLine(epoch_line_keys), *extra_callbacks]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], train_ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last)
-    try:
-        loop.fit()
-    finally:
-        run_log.close()
+    with tracking.session():  # the tracker runs end with the plots and results.json, or KILLED / FAILED
+        try:
+            loop.fit()
+        finally:
+            run_log.close()
 
-    if payload is not None and state.epoch >= cfg.optim.epochs and loop.epochs_this_process == 0 and info.is_main:
-        log.info("training already finished at epoch %d; running the final test only", state.epoch)
-    counts = {"num_train_videos": len(train_ds), "num_val_videos": len(val_ds) if val_ds is not None else 0}
-    return _final_test(cfg, model, test_ds, classes, out_dir, info, state.best, counts)
+        if payload is not None and state.epoch >= cfg.optim.epochs and loop.epochs_this_process == 0 and info.is_main:
+            log.info("training already finished at epoch %d; running the final test only", state.epoch)
+        counts = {"num_train_videos": len(train_ds), "num_val_videos": len(val_ds) if val_ds is not None else 0}
+        return _final_test(cfg, model, test_ds, classes, out_dir, info, state.best, counts)
 
 
 def _final_test(cfg, model, test_ds, classes, out_dir, info, best, counts) -> dict | None:

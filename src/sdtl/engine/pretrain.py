@@ -34,6 +34,7 @@ from sdtl.engine.reporting import RunLog
 from sdtl.engine.rundir import run_in_process_group, start_run
 from sdtl.engine.runtime import prepare_model, seed_everything
 from sdtl.engine.task import Task
+from sdtl.engine.trackers import Tracking, check_installed, tensorboard_enabled
 from sdtl.errors import ConfigError, UserError
 from sdtl.models.classifier import build_encoder, model_options
 from sdtl.pretext import PRETEXT_TASKS, PretextModel
@@ -176,6 +177,7 @@ def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | 
 
 
 def _run(cfg, out_dir: Path, resume, info) -> Path | None:
+    check_installed(cfg)  # run.trackers naming mlflow / wandb without the package: refused before any work
     resume_path, payload = start_run(cfg, out_dir, resume, info, "pretrain")
     paths = find_videos(cfg.data.root, cfg.data.list_file)
     norm = (tuple(cfg.data.mean), tuple(cfg.data.std))
@@ -192,24 +194,26 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
                  info.world_size, info.device)
         if task.resume_note:
             log.warning("resume: %s", task.resume_note)
-    run_log = RunLog(out_dir, info.is_main, cfg.run.tensorboard, state.history)
+    run_log = RunLog(out_dir, info.is_main, tensorboard_enabled(cfg), state.history)
     state.history = run_log.history
+    tracking = Tracking.open(cfg, out_dir, info, state.history, "pretrain")  # mlflow / wandb (rank 0)
     callbacks = [RunLogger(run_log),
                  Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes, keep_best=False),
-                 EpochLine(list(task.line_keys), log, prefix="pretrain epoch")]
+                 tracking, EpochLine(list(task.line_keys), log, prefix="pretrain epoch")]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last, title="pretrain")
-    try:
-        loop.fit()
-    finally:
-        run_log.close()
-    if not info.is_main:
-        return None
-    encoder_path = out_dir / "checkpoints" / "encoder.pt"
-    state_mod.save(state_mod.build_checkpoint(cfg, task, state), encoder_path)
-    task.after_training(encoder_path, paths, out_dir)
-    return encoder_path
+    with tracking.session():  # the tracker runs end with curves.png, or KILLED / FAILED
+        try:
+            loop.fit()
+        finally:
+            run_log.close()
+        if not info.is_main:
+            return None
+        encoder_path = out_dir / "checkpoints" / "encoder.pt"
+        state_mod.save(state_mod.build_checkpoint(cfg, task, state), encoder_path)
+        task.after_training(encoder_path, paths, out_dir)
+        return encoder_path
 
 
 def _pretext_task(cfg, encoder, paths, info, norm):

@@ -23,13 +23,29 @@ are often better than either end. ``sdtl wise`` evaluates that line for a grid o
   α = 0 gives θ₀ and α = 1 gives θ₁ bit-exactly.
 - Each θ_α is evaluated on the run's own validation part (rebuilt from B's stored config exactly as
   the run split it, with its ``eval.val_clips`` centre clips) and on the test list (``eval.num_clips``
-  × ``eval.crops``), with ``--set`` overrides as in ``sdtl evaluate``.
+  × ``eval.crops``), with ``--set`` overrides as in ``sdtl evaluate``. A ``--set`` that changes a key
+  drawing the validation part from the training list (:data:`SPLIT_KEYS`: ``data.val_fraction``,
+  ``run.seed``, ``data.split``) is refused (:func:`check_split_overrides`): another split would
+  score α on videos the run trained on, and ignoring an explicit ``--set`` behind a warning would
+  report figures for a protocol the user did not ask for.
 - Selection rule (:data:`SELECTION_RULE`): the α with the highest validation video acc@1; ties go
   to the largest α, i.e. the one closest to the fine-tuned model. The test figures are reported
   beside it and never used to choose.
 
 Writes ``wise.json``, ``wise.md`` and ``wise.png`` into a new or empty ``--out`` folder.
-Each α decodes the validation and test videos again (the data pipeline is shared with ``evaluate``).
+
+Decoding once: the data pipeline is ``evaluate``'s (same datasets, loaders, clips, crops and
+normalisation). The first α's pass over each list keeps every batch the loader gave
+(:class:`DecodedOnce`); the other α replay those very tensors, so each video is decoded once for the
+whole sweep and every α is scored bit-identically to a pass of its own. The kept clips cost
+``clips × 3 × T × S × S`` float32 values per process, ``clips`` = videos of the process's shard ×
+clips per video (``eval.val_clips`` for the validation part, ``eval.num_clips × eval.crops`` for the
+test list): 4·3·16·112² bytes ≈ 2.4 MB a clip at 16 × 112², so UCF101's validation part (≈ 950
+videos × 3 clips) holds ≈ 6.9 GB and its test list (3,783 × 10 clips) ≈ 91 GB. A list is kept only
+when it fits the budget (:func:`cache_budget`: ``--cache-gib``, default :data:`DEFAULT_CACHE_GIB`
+GiB per process, and never more than half the memory available to the processes of this machine);
+the validation part is considered first, then the test list with what is left. A list that does not
+fit is decoded again for every α, as before, and the log says so with the size it would have needed.
 """
 from __future__ import annotations
 
@@ -37,6 +53,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 
 from sdtl.errors import UserError
@@ -53,6 +70,10 @@ OUTPUTS = ("wise.json", "wise.md", "wise.png")
 RESUME_HINT = ("nothing is kept from an interrupted evaluation (wise.json is written last); re-run the same "
                "command")
 METRICS = ("video_acc1", "video_acc5", "clip_acc1", "clip_acc5", "mean_class_acc", "loss")
+#: Keys that choose which training videos form the validation part: ``--set`` may not change them.
+SPLIT_KEYS = ("data.val_fraction", "run.seed", "data.split")
+#: Default budget (GiB per process) for the decoded clips kept across alphas (``--cache-gib``).
+DEFAULT_CACHE_GIB = 8.0
 
 
 # ------------------------------------------------------------------------------------- alphas
@@ -161,6 +182,133 @@ def select(rows: list[dict]) -> int:
     return max(range(len(rows)), key=key)
 
 
+# ------------------------------------------------------------------------ the validation split
+def check_split_overrides(payload: dict, cfg, what: str) -> None:
+    """Refuse a ``--set`` that changes a :data:`SPLIT_KEYS` key from the value stored in the run.
+
+    The validation part is drawn from the training list with those keys; another value draws other
+    videos, some of which the run trained on, and α would be chosen on them. Setting a key to the
+    run's own value is allowed (it changes nothing).
+    """
+    from sdtl.engine.config import config_from_dict
+
+    stored = config_from_dict(payload.get("config") or {}, "finetune")
+    for key in SPLIT_KEYS:
+        section, name = key.split(".")
+        ours, given = getattr(getattr(stored, section), name), getattr(getattr(cfg, section), name)
+        if given != ours:
+            raise UserError(f"--set {key}={given}: {what} holds out its validation part with {key}={ours}; "
+                            f"another value would choose alpha on videos the run trained on; drop this --set")
+
+
+# ------------------------------------------------------------------------- decoding once
+class DecodedOnce:
+    """An evaluation loader whose first complete pass is kept; later passes replay it, decoding nothing.
+
+    The kept batches are the loader's own objects (``video [clips, 3, T, S, S]`` float32, labels,
+    video indices, failures), in the loader's order and grouping, so ``evaluate`` over a replay is
+    bit-identical to ``evaluate`` over a new pass of the loader. A pass that stops early keeps
+    nothing: the next one decodes again. After the first pass the loader is dropped (and with it any
+    persistent workers).
+    """
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+        self._length = len(loader)
+        self._batches: list | None = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        if self._batches is not None:
+            yield from self._batches
+            return
+        kept = []
+        for batch in self._loader:
+            kept.append(batch)
+            yield batch
+        self._batches, self._loader = kept, None
+
+
+def decoded_bytes(loader) -> int:
+    """Bytes of the float32 clips one pass of an evaluation ``loader`` yields on this process:
+    videos of its shard × clips per video × 3 × T × S × S × 4 (an upper bound: a video that cannot be
+    decoded gives no clips)."""
+    ds = loader.dataset
+    clips = len(loader.sampler) * ds.num_clips * ds.crops
+    return clips * 3 * ds.clip_len * ds.size * ds.size * 4
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cache_budget(cache_gib: float) -> tuple[int, str]:
+    """Bytes of decoded clips this process may keep, and where the limit comes from.
+
+    ``cache_gib`` GiB, but never more than half of the memory available on this machine shared by
+    its processes (torchrun's ``LOCAL_WORLD_SIZE``); 0 keeps nothing.
+    """
+    limit, why = int(cache_gib * 2 ** 30), f"--cache-gib {cache_gib:g}"
+    available = _mem_available()
+    if available is not None and limit > 0:
+        try:
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        except ValueError:
+            local = 1
+        share = available // (2 * local)
+        if share < limit:
+            limit = share
+            why = (f"half of the {available / 2 ** 30:.1f} GiB of memory available"
+                   + (f", shared by {local} processes" if local > 1 else ""))
+    return limit, why
+
+
+def check_cache_gib(cache_gib) -> float:
+    """``--cache-gib`` as a float; anything but a finite number >= 0 is a :class:`UserError`."""
+    try:
+        value = float(cache_gib)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        shown = f"{cache_gib:g}" if isinstance(cache_gib, (int, float)) else str(cache_gib)
+        raise UserError(f"--cache-gib {shown}: must be a number >= 0 (GiB of decoded clips kept across "
+                        f"alphas per process; 0 decodes every list again for each alpha)")
+    return value
+
+
+def keep_decoded(loaders: dict, budget: int, why: str, alphas, info) -> dict:
+    """Wrap each loader whose decoded clips fit the remaining ``budget`` in :class:`DecodedOnce` (in
+    order: the validation part first); log what is kept and what is decoded again for every alpha."""
+    if len(alphas) < 2:
+        return loaders
+    out = {}
+    for part, loader in loaders.items():
+        need = decoded_bytes(loader)
+        if need <= budget:
+            budget -= need
+            out[part] = DecodedOnce(loader)
+            if info.is_main:
+                log.info("%s: decoding once for all %d alphas, keeping %.2f GiB of clips in memory", part,
+                         len(alphas), need / 2 ** 30)
+        else:
+            out[part] = loader
+            if info.is_main:
+                log.warning("%s: its decoded clips would take %.2f GiB, more than the %.2f GiB left (%s); "
+                            "decoding it again for each of the %d alphas (raise --cache-gib to keep it)", part,
+                            need / 2 ** 30, max(budget, 0) / 2 ** 30, why, len(alphas))
+    return out
+
+
 # ------------------------------------------------------------------------------- the evaluation
 def claim(out_dir: Path) -> None:
     """``--out`` must be new or empty: a report is written once, never over another (or a finished one)."""
@@ -170,9 +318,11 @@ def claim(out_dir: Path) -> None:
 
 
 def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrides: list[str] | None = None,
-             allow_unsafe_pickle: bool = False) -> dict:
+             allow_unsafe_pickle: bool = False, cache_gib: float = DEFAULT_CACHE_GIB) -> dict:
     """``sdtl wise``: evaluate θ_α for every alpha, write wise.json / wise.md / wise.png into ``out_dir``.
 
+    ``cache_gib``: GiB of decoded clips each process may keep so that every video is decoded once for
+    all alphas (see the module's docstring); 0 decodes every list again for each alpha.
     Returns the report (the content of wise.json) on rank 0, ``{}`` on the other ranks.
     Bad input raises :class:`UserError` before anything is written (and leaves no folder behind).
     """
@@ -180,12 +330,14 @@ def run_wise(finetuned, out_dir, pretrained=None, alphas=DEFAULT_ALPHAS, overrid
     from sdtl.studies import core
 
     alphas = check_alphas(alphas, "--alphas")
+    cache_gib = check_cache_gib(cache_gib)
     out_dir = Path(out_dir)
     with core.study_folder(out_dir, "wise", lambda: claim(out_dir), lock=rank0_lock):
-        return _run_wise(Path(finetuned), out_dir, pretrained, alphas, overrides, allow_unsafe_pickle)
+        return _run_wise(Path(finetuned), out_dir, pretrained, alphas, overrides, allow_unsafe_pickle, cache_gib)
 
 
-def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, allow_unsafe_pickle) -> dict:
+def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, allow_unsafe_pickle,
+              cache_gib: float = DEFAULT_CACHE_GIB) -> dict:
     from sdtl.data.corrupt import check_failures
     from sdtl.engine import distributed as dist_utils
     from sdtl.engine.evaluate import evaluate, make_eval_loader
@@ -199,6 +351,7 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
     except UserError as exc:
         raise UserError(f"--finetuned {exc}") from None
     cfg = checkpoint_config(payload, overrides)
+    check_split_overrides(payload, cfg, f"--finetuned {finetuned}")
     source = "--pretrained"
     if pretrained is None:
         pretrained, source = cfg.model.pretrained, "the fine-tuned run's model.pretrained"
@@ -224,6 +377,7 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
         dtype = amp_dtype(cfg.optim.amp, info.device)
         loaders = {"val": make_eval_loader(val_ds, eval_bs, info, cfg.data.workers),
                    "test": make_eval_loader(test_ds, eval_bs, info, cfg.data.workers)}
+        loaders = keep_decoded(loaders, *cache_budget(cache_gib), alphas, info)
         rows, skipped = [], 0
         for alpha in alphas:
             model.load_state_dict(interpolate(theta0, theta1, alpha))
@@ -361,7 +515,8 @@ def write_outputs(out_dir: Path, report: dict) -> None:
 def _cmd(args) -> int:
     alphas = parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS
     report = run_wise(args.finetuned, args.out, pretrained=args.pretrained, alphas=alphas,
-                      overrides=args.overrides, allow_unsafe_pickle=args.allow_unsafe_pickle)
+                      overrides=args.overrides, allow_unsafe_pickle=args.allow_unsafe_pickle,
+                      cache_gib=args.cache_gib)
     if report:
         print(f"{text_table(report)}\n-> {args.out}/wise.json, wise.md, wise.png")
     return 0
@@ -388,7 +543,12 @@ def register(sub) -> None:
     p.add_argument("--alphas", metavar="A,B,...", default=None,
                    help="comma-separated alphas in [0, 1] (default: 0,0.1,...,1; 0 = theta_0, 1 = theta_1)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for wise.json/md/png")
-    add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10")
+    p.add_argument("--cache-gib", type=float, default=DEFAULT_CACHE_GIB, metavar="G",
+                   help=f"GiB of decoded clips each process keeps so that every video is decoded once for all "
+                        f"alphas (default {DEFAULT_CACHE_GIB:g}, capped at half the available memory); a list "
+                        f"that does not fit is decoded again per alpha; 0 keeps nothing")
+    add_set(p, "override the checkpoint's config, e.g. --set data.root=/data/UCF101 --set eval.num_clips=10 "
+               "(not data.val_fraction, run.seed or data.split: alpha is chosen on the run's own validation part)")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="DANGEROUS: load checkpoints that need full unpickling (runs code from the files)")
     p.set_defaults(func=_cmd, resume_hint=RESUME_HINT)
