@@ -236,3 +236,17 @@ def test_sweep_as_a_job_array_then_only_the_missing_run(cluster, tiny_synth, tmp
     assert "1 run(s)" in second.stdout, second.stdout
     assert (out / "sweep.md").exists() and "regularizer.weight" in (out / "sweep.md").read_text()
     assert "4 done" in sdtl("sweep", "--status", str(out), env=cluster.env).stdout
+
+
+def test_tune_workers_as_a_job_array_share_one_study(cluster, tiny_synth, tmp_path):
+    out = tmp_path / "tune"
+    proc = sdtl("tune", "--config", "synthetic_tiny", "--space", "regularizer.weight=log:0.01:100", "--trials", "4",
+                "--out", str(out), "--slurm", "--workers", "2", "--wait",
+                *sets(f"data.root={tiny_synth}", "optim.epochs=2", "data.workers=0", "run.threads=1",
+                      "run.tensorboard=false", *CPU_JOB), env=cluster.env)
+    assert "2 tune worker(s)" in proc.stdout and "Best on validation" in proc.stdout, proc.stdout
+    summary = json.loads((out / "tune.json").read_text())
+    done = [t for t in summary["trials"] if t["state"] in ("complete", "pruned")]
+    assert len(done) in (4, 5) and len({t["run_dir"] for t in done}) == len(done)
+    assert len({t["worker"] for t in done}) == 2, done  # both array jobs took trials
+    assert (out / "best.yaml").exists()

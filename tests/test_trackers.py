@@ -20,8 +20,6 @@ import pytest
 
 from sdtl.engine.trackers import STATE_FILE, numeric_metrics
 
-pytestmark = pytest.mark.slow
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_API_KEY")
 
@@ -94,6 +92,7 @@ def mlflow_run(tiny_synth, tmp_path_factory):
             "state": json.loads((out / STATE_FILE).read_text())["mlflow"]}
 
 
+@pytest.mark.slow
 def test_mlflow_holds_every_epoch_the_config_and_the_artifacts(mlflow_run):
     out, client, state = mlflow_run["out"], mlflow_run["client"], mlflow_run["state"]
     assert mlflow_run["results"] is not None and (out / "results.json").exists()
@@ -121,6 +120,7 @@ def test_mlflow_holds_every_epoch_the_config_and_the_artifacts(mlflow_run):
     assert str(out.resolve()) in run.info.artifact_uri  # the default store lives in the run folder
 
 
+@pytest.mark.slow
 def test_mlflow_resume_continues_the_same_run_without_duplicated_epochs(mlflow_run):
     before, state, client = mlflow_run["before"], mlflow_run["state"], mlflow_run["client"]
     # killed after epoch 2's checkpoint, before MLflow got epoch 2: it had epoch 1 only
@@ -151,6 +151,7 @@ def _wandb_records(run_dir: Path, run_id: str, *texts: bytes) -> bytes:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_its_run_under_out_and_resume_keeps_its_id(tiny_synth, tmp_path, clean_env):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'sdtl[wandb]')")
     from sdtl.engine.finetune import run_finetune
@@ -176,6 +177,7 @@ def test_wandb_offline_writes_its_run_under_out_and_resume_keeps_its_id(tiny_syn
     assert b"train_loss" in _wandb_records(dirs[1], state["run_id"], b"train_loss")
 
 
+@pytest.mark.slow
 def test_pretraining_sends_its_epochs_and_curves_to_wandb(tiny_synth, tmp_path, clean_env):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'sdtl[wandb]')")
     from sdtl.engine.pretrain import run_pretrain
@@ -191,6 +193,7 @@ def test_pretraining_sends_its_epochs_and_curves_to_wandb(tiny_synth, tmp_path, 
     assert (out / "tb").is_dir()
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_warns_once_and_the_run_finishes(tiny_synth, tmp_path, clean_env, caplog):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'sdtl[wandb]')")
@@ -223,12 +226,13 @@ def test_a_failing_tracker_warns_once_and_the_run_finishes(tiny_synth, tmp_path,
     assert "mlflow" not in state and state["wandb"]["logged_epoch"] == -1  # a resume would send them all
 
 
+@pytest.mark.slow
 def test_unknown_tracker_exits_2_before_any_work(tiny_synth, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "sdtl", "-q", "finetune", "--config", "synthetic_tiny",
                            "--out", str(out), "--set", f"data.root={tiny_synth}",
                            "--set", "run.trackers=[tensorboard,neptune]"],
-                          env=ENV, capture_output=True, text=True, timeout=120)
+                          check=False, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "run.trackers" in proc.stderr and "'neptune' is not one of tensorboard, mlflow, wandb" in proc.stderr
     assert not out.exists()
@@ -277,6 +281,7 @@ def test_tracker_runs_end_with_the_status_of_the_run(monkeypatch):
     assert _end_status(RunInterrupted("stopped by SIGTERM")) == ("KILLED", 75)  # resumable: not a failure
     assert _end_status(RunFailed("NaN loss")) == ("FAILED", 1)
     assert _end_status(ValueError("bug")) == ("FAILED", 1)
+    assert _end_status(type("TrialPruned", (Exception,), {})("pruned after epoch 2")) == ("KILLED", 0)
     for key in TRACKER_ENV:
         monkeypatch.delenv(key, raising=False)
     assert WandbTracker.resolve_mode("auto") == "offline"

@@ -129,7 +129,7 @@ class SlurmRun:
     resume: str | None = None
 
     def __call__(self):
-        _log_to_job_output()
+        log_to_job_output()
         os.environ.update(process_group_env())
         from sdtl.engine import config as cfgmod
 
@@ -150,19 +150,7 @@ class SlurmRun:
             path = run_pretrain(cfg, out, resume=resume)
             return {"encoder": str(path)} if path else None
         except RunInterrupted as exc:
-            self._requeue_or_stop(exc)
-
-    def _requeue_or_stop(self, exc: RunInterrupted):
-        """The state is written. On the preemption / time-limit signal, submitit's requeue path (rank 0
-        requeues the job; every rank exits without a result, so the job is not over); on SIGTERM the job
-        just ends (Slurm requeues it or it was cancelled)."""
-        log.warning("%s", exc)
-        preempt = getattr(signal, "SIG" + PREEMPT_SIGNAL)
-        if exc.signum in (preempt, getattr(signal, "SIGUSR2", None)):
-            handler = signal.getsignal(exc.signum)  # submitit's checkpoint_and_try_requeue, installed again
-            if callable(handler):
-                handler(exc.signum, None)  # rank 0: checkpoint() -> scontrol requeue -> SystemExit
-        raise SystemExit(RunInterrupted.exit_code)  # no result pickle: the job is not finished
+            requeue_or_stop(exc)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption hook: the job to run after the requeue (the same run, resumed)."""
@@ -170,7 +158,20 @@ class SlurmRun:
         return submitit.helpers.DelayedSubmission(SlurmRun(self.kind, self.config, self.out, "auto"))
 
 
-def _log_to_job_output() -> None:
+def requeue_or_stop(exc: RunInterrupted):
+    """In a submitit job, after a run stopped with its state written. On the preemption / time-limit
+    signal, submitit's requeue path (rank 0 requeues the job; every rank exits without a result, so the
+    job is not over); on SIGTERM the job just ends (Slurm requeues it or it was cancelled)."""
+    log.warning("%s", exc)
+    preempt = getattr(signal, "SIG" + PREEMPT_SIGNAL)
+    if exc.signum in (preempt, getattr(signal, "SIGUSR2", None)):
+        handler = signal.getsignal(exc.signum)  # submitit's checkpoint_and_try_requeue, installed again
+        if callable(handler):
+            handler(exc.signum, None)  # rank 0: checkpoint() -> scontrol requeue -> SystemExit
+    raise SystemExit(RunInterrupted.exit_code)  # no result pickle: the job is not finished
+
+
+def log_to_job_output() -> None:
     """sdtl's log lines on the job's output, as the CLI prints them (submitit logs its own lines)."""
     logger = logging.getLogger("sdtl")
     if not logger.handlers:

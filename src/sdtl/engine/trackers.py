@@ -13,8 +13,8 @@ Each tracker receives, from rank 0 only:
   epoch's record in ``metrics.jsonl``, with the epoch as the step (fine-tuning's epoch 0: the
   forgetting diagnostics at the start);
 * at the end of a run that finished, ``curves.png``, ``confusion.png`` and ``results.json`` (those that
-  exist) as artifacts; the tracker run then ends ``FINISHED`` (``KILLED`` on a stop request, ``FAILED``
-  on an error).
+  exist) as artifacts; the tracker run then ends ``FINISHED`` (``KILLED`` on a stop request or a
+  tuner's pruning, ``FAILED`` on an error).
 
 ``OUT/trackers.json`` keeps, per tracker, its run id and the last epoch it was sent. ``--resume``
 continues the same tracker run (MLflow: the same run id; W&B: ``id=…, resume="allow"``) and sends only
@@ -111,6 +111,8 @@ def _end_status(exc: BaseException | None) -> tuple[str, int]:
         return "KILLED", exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED", 130
+    if type(exc).__name__ == "TrialPruned":  # a tuner stopped the trial early (Optuna): not a crash
+        return "KILLED", 0
     return "FAILED", int(getattr(exc, "exit_code", 1) or 1)
 
 
@@ -311,7 +313,7 @@ class Tracking(Callback):
         self._state_warned = False
 
     @classmethod
-    def open(cls, cfg, out_dir: Path, info, history: list[dict], kind: str) -> "Tracking":
+    def open(cls, cfg, out_dir: Path, info, history: list[dict], kind: str) -> Tracking:
         """Start (or, after a resume, continue) a run in each external tracker and send it the epochs of
         ``history`` it has not had yet."""
         names = [n for n in cfg.run.trackers if n in TRACKER_CLASSES]
@@ -386,8 +388,8 @@ class Tracking(Callback):
             self.trackers.remove(tracker)
         try:
             tracker.abandon()
-        except Exception:  # noqa: BLE001 - already warned about this tracker
-            pass
+        except Exception as again:  # noqa: BLE001 - already warned about this tracker
+            log.debug("tracker %s: releasing it failed too: %r", tracker.name, again)
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         log.warning("tracker %s could not %s (%s%s); it is off for the rest of this run, training goes on "
                     "(epochs it missed are sent if the run is resumed and it works then)", tracker.name, what,

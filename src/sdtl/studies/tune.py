@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtl.errors import UserError
+from sdtl.errors import RunInterrupted, UserError
 from sdtl.studies import core
 
 log = logging.getLogger("sdtl.tune")
@@ -187,15 +187,22 @@ def make_storage(url: str, heartbeat: float):
         return JournalStorage(JournalFileBackend(str(path)))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     retry_cls, retry_arg = retry_callback()
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat)), grace_period=max(3, int(3 * heartbeat)),
-            **{retry_arg: retry_cls(max_retry=3)})
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy / driver errors: say which storage
-        raise UserError(f"--storage {redacted(url)}: cannot open it ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); for PostgreSQL install a driver "
-                        f"(pip install 'psycopg[binary]', or psycopg2-binary with a postgresql+psycopg2:// URL) "
-                        f"and check the server is reachable") from None
+    error: Exception | None = None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(heartbeat)),
+                grace_period=max(3, int(3 * heartbeat)), **{retry_arg: retry_cls(max_retry=3)})
+        except ImportError as exc:  # no driver: trying again will not help
+            error = exc
+            break
+        except Exception as exc:  # noqa: BLE001 - e.g. two workers creating the same new schema at once
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    raise UserError(f"--storage {redacted(url)}: cannot open it ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); for PostgreSQL install a driver "
+                    f"(pip install 'psycopg[binary]', or psycopg2-binary with a postgresql+psycopg2:// URL) "
+                    f"and check the server is reachable")
 
 
 def retry_callback():
@@ -247,6 +254,9 @@ def run_number(study, trial) -> int:
     """The run folder number of ``trial``: its own, or for a retry the original trial's (a chain of
     retries keeps the first number), so a retried trial resumes the same run folder."""
     trials = study.get_trials(deepcopy=False)
+    resumes = trials[trial.number].user_attrs.get("run_number")  # a re-queued interrupted trial
+    if resumes is not None:
+        return int(resumes)
     failed = retry_callback()[0].retried_trial_number(trials[trial.number])
     if failed is None:
         return trial.number
@@ -277,7 +287,15 @@ class Tuner:
         cfgmod.validate_ranges(cfg)
         log.info("trial %d -> %s: %s", trial.number, run_dir, ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                                           else f"{k}={v}" for k, v in values.items()))
-        run_finetune(cfg, run_dir, resume="auto", callbacks=(PruneOnValidation(trial, optuna),))
+        try:
+            run_finetune(cfg, run_dir, resume="auto", callbacks=(PruneOnValidation(trial, optuna),))
+        except (RunInterrupted, KeyboardInterrupt):
+            # stopped with its state written (Ctrl-C, SIGTERM, a Slurm preemption): this trial ends as
+            # failed and a copy with the same parameters waits in the study for the next worker, which
+            # resumes the same run folder
+            study.enqueue_trial(values, user_attrs={"run_number": number, "resumes_trial": trial.number},
+                                skip_if_exists=False)
+            raise
         got = core.collect(core.RunSpec(f"trial{number}", run_dir, self.recipe, sets))
         trial.set_user_attr("test_acc1", got["test"])
         trial.set_user_attr("epochs", len([r for r in got["history"] if r.get("epoch", 0) >= 1]))
@@ -451,6 +469,12 @@ def write_outputs(study, tuner: Tuner, url: str, wall_s: float, command: str) ->
 
 
 # ------------------------------------------------------------------------------------ entry point
+def write_marker(out: Path, name: str, url: str, identity: dict, config: str, sets: list[str]) -> None:
+    """``OUT/tune_study.json``: which study this folder serves (what a later worker's claim reads)."""
+    core.write_json(out / MARKER, {"study": name, "storage": redacted(url), "identity": identity, "config": config,
+                                   "sets": sets})
+
+
 def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: list[str] | None = None,
              storage: str | None = None, study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
              heartbeat: float = 60.0, command: str | None = None) -> dict:
@@ -470,8 +494,7 @@ def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: 
     url = storage_url(storage, out)
     name = study_name or out.resolve().name
     study = open_study(url, name, identity, heartbeat, seed, pruner, first.optim.epochs)
-    core.write_json(out / MARKER, {"study": name, "storage": redacted(url), "identity": identity, "config": config,
-                                   "sets": sets})
+    write_marker(out, name, url, identity, config, sets)
     tuner = Tuner(config, sets, params, out)
     command = command or f"sdtl tune --config {config} " + " ".join(
         [*(f"--space {s}" for s in space), f"--trials {trials}", f"--out {out}", *(f"--set {s}" for s in sets)])
@@ -482,12 +505,88 @@ def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: 
     return summary
 
 
+@dataclass
+class TuneWorker:
+    """One ``sdtl tune`` worker as a Slurm job (``--slurm --workers K`` submits K as an array). A
+    preempted worker's trial is re-queued with its run folder (see :meth:`Tuner.objective`) and the job
+    requeues itself; any worker, this one after its requeue or another, resumes the trial."""
+
+    kwargs: dict
+
+    def __call__(self):
+        from sdtl.engine import slurm
+
+        slurm.log_to_job_output()
+        try:
+            run_tune(**self.kwargs)
+        except RunInterrupted as exc:
+            slurm.requeue_or_stop(exc)
+
+    def checkpoint(self, *args, **kwargs):
+        from sdtl.engine import slurm
+
+        return slurm.import_submitit().helpers.DelayedSubmission(TuneWorker(self.kwargs))
+
+
+def submit_workers(kwargs: dict, workers: int, wait: bool) -> None:
+    """Check everything a local worker checks, then submit ``workers`` tune workers as one job array."""
+    from sdtl.engine import config as cfgmod
+    from sdtl.engine import slurm
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1")
+    params = parse_space(kwargs["space"])
+    first = check_space(kwargs["config"], kwargs["sets"], params)
+    cfgmod.check_slurm(first.slurm)
+    out = Path(kwargs["out"]).resolve()
+    core.claim_out(out, "tune", MARKER)
+    out.mkdir(parents=True, exist_ok=True)  # the workers' folder, claimed before the job logs go into it
+    write_marker(out, kwargs.get("study_name") or out.name, storage_url(kwargs.get("storage"), out),
+                 identity_of(kwargs["config"], kwargs["sets"], params, kwargs["trials"], kwargs["pruner"]),
+                 kwargs["config"], kwargs["sets"])  # before the job logs go into the folder
+    if kwargs.get("storage") is None:
+        log.warning("--slurm: the workers share the SQLite file %s; on a network filesystem prefer --storage "
+                    "journal:PATH or a PostgreSQL URL", out / "tune.db")
+    kwargs = {**kwargs, "out": str(out)}
+    identity = identity_of(kwargs["config"], kwargs["sets"], params, kwargs["trials"], kwargs["pruner"])
+    # the study (and a new database's schema) exists before the workers start: none of them races to make it
+    open_study(storage_url(kwargs.get("storage"), out), kwargs.get("study_name") or out.name, identity,
+               kwargs["heartbeat"], kwargs["seed"], kwargs["pruner"], first.optim.epochs)
+    folder = out / "slurm"
+    executor = slurm.make_executor(folder, first.slurm, first.slurm.job_name or f"sdtl-tune-{out.name}")
+    with executor.batch():
+        jobs = [executor.submit(TuneWorker(kwargs)) for _ in range(workers)]
+    for job in jobs:
+        slurm.record_submission(folder, {"worker": job.job_id, "job_id": job.job_id, "log": str(job.paths.stdout),
+                                         "result": str(job.paths.result_pickle), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print(f"submitted Slurm job array {jobs[0].job_id.split('_')[0]}: {workers} tune worker(s), at most "
+          f"{first.slurm.array_parallelism} at a time; logs in {folder}")
+    if not wait:
+        print(f"the outputs (tune.md, best.yaml) appear in {out} as workers finish")
+        return
+    failed = []
+    for job in jobs:
+        state, detail = slurm.wait_for(job.job_id, job.paths.result_pickle, quiet=True)
+        if state != "done":
+            failed.append(f"{job.job_id}: {state} {detail}")
+    if failed:
+        raise UserError(f"tune workers did not finish: {'; '.join(failed)} (logs in {folder})")
+    print((out / "tune.md").read_text())
+
+
 def _cmd(args) -> int:
     import shlex
 
-    run_tune(args.config, args.space, args.trials, args.out, sets=args.overrides, storage=args.storage,
-             study_name=args.study, pruner=args.pruner, seed=args.seed, heartbeat=args.heartbeat,
-             command=shlex.join(["sdtl", *getattr(args, "argv", [])]))
+    kwargs = {"config": args.config, "space": args.space, "trials": args.trials, "out": args.out,
+              "sets": args.overrides, "storage": args.storage, "study_name": args.study, "pruner": args.pruner,
+              "seed": args.seed, "heartbeat": args.heartbeat,
+              "command": shlex.join(["sdtl", *getattr(args, "argv", [])])}
+    if args.wait and not args.slurm:
+        raise UserError("--wait waits for Slurm jobs: use it with --slurm")
+    if args.slurm:
+        submit_workers(kwargs, args.workers, args.wait)
+        return 0
+    run_tune(**kwargs)
     return 0
 
 
@@ -518,4 +617,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
     p.add_argument("--heartbeat", type=float, default=60.0, metavar="S",
                    help="seconds between a worker's heartbeats; a trial silent for 3x this is retried (default 60)")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit --workers tune workers as a Slurm job array (resources: the recipe's slurm section, "
+                        "--set slurm.KEY=VALUE); a preempted worker's trial is resumed by the next worker")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="with --slurm: workers to submit (default 1)")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the workers, then print tune.md")
     p.set_defaults(func=_cmd, resume_hint=core.RERUN_HINT)
