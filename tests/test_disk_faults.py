@@ -130,7 +130,20 @@ def full_disk(monkeypatch):
 
 
 def _mount(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True)
+    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+
+
+def _tmpfs(mountpoint: Path):
+    """Mount a 4 MiB tmpfs at ``mountpoint`` for the duration of a fixture (skip where it cannot)."""
+    mountpoint.mkdir()
+    done = _mount("-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mountpoint))
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -140,16 +153,7 @@ def small_fs(tmp_path):
         pytest.skip("mounting a size-limited tmpfs needs root; the injected full disk covers the rest")
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    done = _mount("-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mountpoint))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    yield from _tmpfs(tmp_path / "disk")
 
 
 def fill(mountpoint: Path, leave: int) -> Path:
@@ -369,16 +373,7 @@ def read_only_fs(tmp_path):
     """A tmpfs holding an empty folder and a run folder, remounted read-only (root only)."""
     if os.geteuid() != 0:
         pytest.skip("a read-only mount needs root; the injected permission error covers the rest")
-    mountpoint = tmp_path / "ro"
-    mountpoint.mkdir()
-    done = _mount("-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mountpoint))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    yield from _tmpfs(tmp_path / "ro")
 
 
 @pytest.mark.parametrize("case", ["parent is a file", "permission denied", "read-only filesystem (new folder)",

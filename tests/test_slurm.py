@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster
+from test_stop_and_resume import learning_record, load, mid_epoch_position
 
 pytestmark = pytest.mark.slow
 CPU_JOB = ["slurm.gpus_per_node=0", "slurm.cpus_per_task=1", "slurm.time=20", "run.progress=false"]
@@ -72,16 +73,6 @@ def wait_until(cond, what: str, timeout: float = 300, poll: float = 0.05):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def learning_record(out: Path) -> list[dict]:
-    timing = {"clips_per_s", "data_wait", "epoch_time_s"}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 # ------------------------------------------------------------------------------ no cluster needed
@@ -161,14 +152,6 @@ def test_pretraining_job_writes_the_encoder_finetune_loads(cluster, tiny_synth, 
     encoder = out / "checkpoints" / "encoder.pt"
     assert f"encoder checkpoint: {encoder}" in proc.stdout, proc.stdout
     assert load(encoder)["sdtl_format"] == "pretrain"
-
-
-def mid_epoch_position(out: Path):
-    try:
-        ckpt = load(out / "checkpoints" / "last.pt")
-    except Exception:  # noqa: BLE001 - not written yet
-        return None
-    return (ckpt["epoch"], ckpt["step_in_epoch"]) if ckpt.get("step_in_epoch") else None
 
 
 def test_preempted_and_requeued_mid_epoch_ends_bit_identical(cluster, tiny_synth, tiny_encoder, tmp_path):
