@@ -171,7 +171,8 @@ def fill(mountpoint: Path, leave: int) -> Path:
 
 
 def test_each_writer_turns_a_full_disk_into_one_error_and_leaves_the_old_file_whole(tmp_path, full_disk, caplog):
-    from sdtl.atomic import NoSpaceError, append_text, atomic_savefig, atomic_write_text
+    from sdtl.atomic import append_text, atomic_savefig, atomic_write_text
+    from sdtl.errors import NoSpaceError
     from sdtl.models.checkpoints import checkpoint_problem, save_checkpoint
 
     ckpt = tmp_path / "checkpoints" / "last.pt"

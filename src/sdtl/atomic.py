@@ -6,7 +6,7 @@ folder, fsync it, rename it over the target, fsync the folder. Appends (``metric
 :func:`append_text`, which cuts a failed append back to the last complete line.
 
 A full disk (ENOSPC, or a quota: EDQUOT) is not a crash: the temp file is removed, the old file is
-left as it was, and :class:`NoSpaceError` (a one-line :class:`~sdtl.errors.UserError` naming the file)
+left as it was, and :class:`~sdtl.errors.NoSpaceError` (a one-line :class:`~sdtl.errors.UserError` naming the file)
 is raised, however the writer reported it. sdtl's own writers (``torch.save``, ``savefig``, text)
 write through a file object opened here, so the operating system's ``OSError`` reaches us even
 where a library would wrap it (``torch.save`` to a path turns it into ``RuntimeError: [enforce fail at
@@ -24,24 +24,13 @@ import secrets
 import shutil
 from pathlib import Path
 
-from sdtl.errors import UserError
+from sdtl.errors import NoSpaceError
 
 #: errno values that mean "the disk (or the user's quota) is full"
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 #: the temp files :func:`atomic_write` makes: ``.NAME.PID.HEX8.tmp`` beside the target
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-
-
-class NoSpaceError(UserError):
-    """No space left on the device (or quota) while writing ``path``; nothing half-written was left."""
-
-    def __init__(self, message: str, path=None) -> None:
-        super().__init__(message)
-        self.path = path
-
-    def __reduce__(self):
-        return type(self), (str(self), self.path)
 
 
 def _chain(exc: BaseException):

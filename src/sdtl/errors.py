@@ -6,7 +6,8 @@
     ├── UserError          bad input (exit 2): names the input and what to do
     │   ├── ConfigError    a config key: ``key``, ``problem``, ``hint``
     │   ├── DataError      a dataset file or folder: ``path``
-    │   └── CheckpointError  a checkpoint file: ``path``
+    │   ├── CheckpointError  a checkpoint file: ``path``
+    │   └── NoSpaceError   no space left while writing ``path`` (the old file intact)
     ├── RunFailed          stopped by what it found while running (NaN loss, corrupt data; exit 1)
     └── RunInterrupted     stopped on request after writing its state (SIGINT/SIGTERM/SIGUSR1; exit 75)
 
@@ -83,3 +84,15 @@ class RunInterrupted(SdtlError):
 
     def __reduce__(self):
         return type(self), (str(self), self.checkpoint)
+
+
+class NoSpaceError(UserError):
+    """No space left on the device (or quota) while writing ``path``; nothing half-written was left
+    (exit 2: free space, then run the same command again; a training run continues with --resume auto)."""
+
+    def __init__(self, message: str, path=None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return type(self), (str(self), self.path)

@@ -8,7 +8,7 @@ writing its checkpoint never shows an epoch twice, and a line torn by a crash in
 append is dropped (with a warning) instead of breaking every reader of the file.
 
 A full disk: a ``metrics.jsonl`` line or TensorBoard events that cannot be written stop the run
-(:class:`~sdtl.atomic.NoSpaceError`, the failed append cut back so no partial line is left). A
+(:class:`~sdtl.errors.NoSpaceError`, the failed append cut back so no partial line is left). A
 ``curves.png`` that cannot be written only warns and the run goes on (:func:`sdtl.atomic.atomic_savefig`):
 the figure is redrawn from the history at the next redraw and at the end, so nothing is lost, and
 training does not stop for a picture (the next checkpoint or metrics write stops it cleanly if the

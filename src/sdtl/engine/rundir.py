@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdtl.atomic import NoSpaceError, append_text, is_no_space, remove_stale_temp_files
+from sdtl.atomic import append_text, is_no_space, remove_stale_temp_files
 from sdtl.engine.runlock import LOCK_NAME, RunLock
 from sdtl.engine.runtime import amp_dtype, configure_determinism
-from sdtl.errors import CheckpointError, UserError
+from sdtl.errors import CheckpointError, NoSpaceError, UserError
 
 log = logging.getLogger("sdtl.run")
 

@@ -124,7 +124,7 @@ def save(payload: dict, path: Path) -> Path:
     """Write a checkpoint atomically (a crash leaves the old file or the new one, never half of one),
     with its checksum file. A run's ``last.pt`` first keeps the one it replaces as ``prev.pt``.
 
-    A full disk raises :class:`~sdtl.atomic.NoSpaceError` naming ``path``; the old file is intact.
+    A full disk raises :class:`~sdtl.errors.NoSpaceError` naming ``path``; the old file is intact.
     """
     path = Path(path)
     if path.name == LAST:

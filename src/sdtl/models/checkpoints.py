@@ -719,7 +719,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, checksum: bool = False) -
     """Save ``obj`` with ``torch.save`` atomically: a crash leaves either the old file or the new one.
 
     ``torch.save`` writes through a file object of :mod:`sdtl.atomic`, so a full disk raises
-    :class:`~sdtl.atomic.NoSpaceError` naming ``path`` (not torch's ``unexpected pos``), with no temp
+    :class:`~sdtl.errors.NoSpaceError` naming ``path`` (not torch's ``unexpected pos``), with no temp
     file left. ``checksum``: also write ``NAME.sha256`` (sha256 of the bytes written) after it; the
     old checksum file is removed just before the rename, so a crash never pairs a file with another's
     checksum. Raises ``TypeError`` (a programming error) if ``obj`` holds anything that
