@@ -365,6 +365,7 @@ def summarise(study, params: list[Param], out: Path, url: str, wall_s: float) ->
         last = max(t.intermediate_values) if t.intermediate_values else None
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": dict(t.params),
                      "value": t.value, "test_acc1": t.user_attrs.get("test_acc1"),
+                     "last_reported": t.intermediate_values[last] if last is not None else None,
                      "epochs": t.user_attrs.get("epochs", last), "run_dir": t.user_attrs.get("run_dir"),
                      "worker": t.user_attrs.get("worker"),
                      "retry_of": retry_callback()[0].retried_trial_number(t),
@@ -429,7 +430,9 @@ def plot(summary: dict, params: list[Param], path: Path) -> None:
         curve.append((r["number"], best))
     if curve:
         ax.step(*zip(*curve), where="post", color="C1", label="best so far")
-    ax.scatter([r["number"] for r in pruned], [0] * len(pruned), marker="x", color="C3", label="pruned")
+    # a pruned trial at the validation accuracy of the epoch that got it pruned
+    ax.scatter([r["number"] for r in pruned], [r["last_reported"] for r in pruned], marker="x", color="C3",
+               label="pruned (at its last epoch)")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation acc@1")
     ax.set_title("optimisation history")
@@ -438,8 +441,7 @@ def plot(summary: dict, params: list[Param], path: Path) -> None:
         ax = axes[0][i]
         for group, colour, marker in ((done, "C0", "o"), (pruned, "C3", "x")):
             xs = [r["params"].get(p.key) for r in group]
-            ys = [r["value"] if r["value"] is not None else 0 for r in group] if group is done else \
-                [0] * len(group)
+            ys = [r["value"] for r in group] if group is done else [r["last_reported"] for r in group]
             ax.scatter([str(x) for x in xs] if p.kind == "choice" else xs, ys, color=colour, marker=marker)
         if p.kind == "log":
             ax.set_xscale("log")
