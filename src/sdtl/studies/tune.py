@@ -227,7 +227,9 @@ def make_pruner(name: str, epochs: int):
 
 class PruneOnValidation:
     """A loop call-out (after the run's own, so the epoch is logged and checkpointed): reports each
-    epoch's validation acc@1 to the trial and stops the run when the pruner says so."""
+    epoch's validation acc@1 to the trial and stops the run when the pruner says so. It has the
+    :class:`sdtl.engine.callbacks.Callback` methods without subclassing it: importing the engine here
+    would put torch into ``sdtl --help``, which registers this command."""
 
     name = ""
 
@@ -357,9 +359,10 @@ def work(study, tuner: Tuner, trials: int, poll_s: float) -> None:
 
 
 # ------------------------------------------------------------------------------------- outputs
-def summarise(study, params: list[Param], out: Path, url: str, wall_s: float) -> dict:
+def summarise(study, params: list[Param], url: str, wall_s: float) -> dict:
     from optuna.trial import TrialState
 
+    retried_from = retry_callback()[0].retried_trial_number
     rows = []
     for t in study.get_trials(deepcopy=False):
         last = max(t.intermediate_values) if t.intermediate_values else None
@@ -368,7 +371,7 @@ def summarise(study, params: list[Param], out: Path, url: str, wall_s: float) ->
                      "last_reported": t.intermediate_values[last] if last is not None else None,
                      "epochs": t.user_attrs.get("epochs", last), "run_dir": t.user_attrs.get("run_dir"),
                      "worker": t.user_attrs.get("worker"),
-                     "retry_of": retry_callback()[0].retried_trial_number(t),
+                     "retry_of": retried_from(t),
                      "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                      if t.datetime_complete and t.datetime_start else None})
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
@@ -455,7 +458,7 @@ def write_outputs(study, tuner: Tuner, url: str, wall_s: float, command: str) ->
     from sdtl.engine import config as cfgmod
 
     out = tuner.out
-    summary = summarise(study, tuner.params, out, url, wall_s)
+    summary = summarise(study, tuner.params, url, wall_s)
     core.write_json(out / "tune.json", summary)
     core.write_text(out / "tune.md", render_markdown(summary, command))
     plot(summary, tuner.params, out / "tune.png")
@@ -477,11 +480,11 @@ def write_marker(out: Path, name: str, url: str, identity: dict, config: str, se
                                    "sets": sets})
 
 
-def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: list[str] | None = None,
-             storage: str | None = None, study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
-             heartbeat: float = 60.0, command: str | None = None) -> dict:
-    out = Path(out)
-    sets = list(sets or [])
+def prepare_study(config: str, space: list[str], trials: int, out: Path, sets: list[str], storage: str | None,
+                  study_name: str | None, pruner: str, seed: int, heartbeat: float):
+    """What every worker (and ``--slurm`` before it submits any) does first: check the options and every
+    corner of the space, claim ``out``, open or create the study and write ``OUT/tune_study.json``.
+    Returns ``(study, tuner, storage url, config at the space's first corner)``."""
     if trials < 1:
         raise UserError(f"--trials {trials}: must be >= 1")
     if pruner not in PRUNERS:
@@ -497,7 +500,15 @@ def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: 
     name = study_name or out.resolve().name
     study = open_study(url, name, identity, heartbeat, seed, pruner, first.optim.epochs)
     write_marker(out, name, url, identity, config, sets)
-    tuner = Tuner(config, sets, params, out)
+    return study, Tuner(config, sets, params, out), url, first
+
+
+def run_tune(config: str, space: list[str], trials: int, out: str | Path, sets: list[str] | None = None,
+             storage: str | None = None, study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
+             heartbeat: float = 60.0, command: str | None = None) -> dict:
+    out = Path(out)
+    sets = list(sets or [])
+    study, tuner, url, _ = prepare_study(config, space, trials, out, sets, storage, study_name, pruner, seed, heartbeat)
     command = command or f"sdtl tune --config {config} " + " ".join(
         [*(f"--space {s}" for s in space), f"--trials {trials}", f"--out {out}", *(f"--set {s}" for s in sets)])
     t0 = time.perf_counter()
@@ -537,23 +548,17 @@ def submit_workers(kwargs: dict, workers: int, wait: bool) -> None:
 
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1")
-    params = parse_space(kwargs["space"])
-    first = check_space(kwargs["config"], kwargs["sets"], params)
-    cfgmod.check_slurm(first.slurm)
     out = Path(kwargs["out"]).resolve()
-    core.claim_out(out, "tune", MARKER)
-    out.mkdir(parents=True, exist_ok=True)  # the workers' folder, claimed before the job logs go into it
-    write_marker(out, kwargs.get("study_name") or out.name, storage_url(kwargs.get("storage"), out),
-                 identity_of(kwargs["config"], kwargs["sets"], params, kwargs["trials"], kwargs["pruner"]),
-                 kwargs["config"], kwargs["sets"])  # before the job logs go into the folder
+    kwargs = {**kwargs, "out": str(out), "sets": list(kwargs["sets"] or [])}
+    # the folder is claimed and its marker written before the job logs go into it, and the study (with a
+    # new database's schema) exists before the workers start: none of them races to make it
+    _, _, _, first = prepare_study(kwargs["config"], kwargs["space"], kwargs["trials"], out, kwargs["sets"],
+                                   kwargs.get("storage"), kwargs.get("study_name"), kwargs["pruner"], kwargs["seed"],
+                                   kwargs["heartbeat"])
+    cfgmod.check_slurm(first.slurm)
     if kwargs.get("storage") is None:
         log.warning("--slurm: the workers share the SQLite file %s; on a network filesystem prefer --storage "
                     "journal:PATH or a PostgreSQL URL", out / "tune.db")
-    kwargs = {**kwargs, "out": str(out)}
-    identity = identity_of(kwargs["config"], kwargs["sets"], params, kwargs["trials"], kwargs["pruner"])
-    # the study (and a new database's schema) exists before the workers start: none of them races to make it
-    open_study(storage_url(kwargs.get("storage"), out), kwargs.get("study_name") or out.name, identity,
-               kwargs["heartbeat"], kwargs["seed"], kwargs["pruner"], first.optim.epochs)
     folder = out / "slurm"
     executor = slurm.make_executor(folder, first.slurm, first.slurm.job_name or f"sdtl-tune-{out.name}")
     with executor.batch():
