@@ -52,6 +52,17 @@ def forward_clips(model, videos: torch.Tensor, clips_per_forward: int, device, a
     return torch.cat(parts)
 
 
+def forward_batches(model, loader, clips_per_forward: int, device, amp, bar, failed: list):
+    """``(batch, outputs)`` for each batch of a test-mode ``loader`` that holds clips (:func:`forward_clips`
+    on them); the progress ``bar`` advances per batch and undecodable videos are appended to ``failed``."""
+    for batch in loader:
+        bar.update(1)
+        failed.extend(batch.get("failed", []))
+        if batch["video"].shape[0] == 0:
+            continue
+        yield batch, forward_clips(model, batch["video"], clips_per_forward, device, amp)
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Every rank takes indices rank, rank+W, ... (no padding, so no video is counted twice)."""
 
@@ -95,13 +106,7 @@ def evaluate(model, loader, num_classes: int, info: DistInfo, clips_per_forward:
     clip_loss = 0.0
     failed: list = []
     k5 = min(5, num_classes)
-    for batch in loader:
-        bar.update(1)
-        failed.extend(batch.get("failed", []))
-        videos = batch["video"]
-        if videos.shape[0] == 0:
-            continue
-        logits = forward_clips(model, videos, clips_per_forward, device, amp_dtype)
+    for batch, logits in forward_batches(model, loader, clips_per_forward, device, amp_dtype, bar, failed):
         labels = torch.as_tensor(batch["label"]).long()
         vids = torch.as_tensor(batch["video_index"]).long()
         top = logits.topk(k5, dim=1).indices

@@ -268,7 +268,7 @@ def video_features(encoder, dataset, info, clips_per_forward: int, workers: int,
                    desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """``(features [N, D] float32, valid [N] bool, failed)``: the mean over each video's clips of the
     encoder's pooled output, for a test-mode dataset of N videos (gathered over ranks)."""
-    from sdtl.engine.evaluate import forward_clips, make_eval_loader
+    from sdtl.engine.evaluate import forward_batches, make_eval_loader
     from sdtl.engine.runtime import progress
 
     loader = make_eval_loader(dataset, clips_per_forward, info, workers)
@@ -277,13 +277,8 @@ def video_features(encoder, dataset, info, clips_per_forward: int, workers: int,
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     failed: list = []
-    for batch in loader:
-        bar.update(1)
-        failed.extend(batch.get("failed", []))
-        videos = batch["video"]
-        if videos.shape[0] == 0:
-            continue
-        feats = forward_clips(encoder, videos, clips_per_forward, info.device, amp).double()
+    for batch, feats in forward_batches(encoder, loader, clips_per_forward, info.device, amp, bar, failed):
+        feats = feats.double()
         vids = torch.as_tensor(batch["video_index"]).long()
         for v in vids.unique().tolist():
             mask = vids == v
