@@ -7,12 +7,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from process_helpers import stop_pid
 
 
 @dataclass
@@ -72,15 +72,5 @@ def stop(server: Server) -> None:
     pid_file = server.root / "data" / "postmaster.pid"
     pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
     _as_postgres(str(server.bin / "pg_ctl"), "-D", str(server.root / "data"), "-m", "fast", "-w", "stop")
-    if pid is None:
-        return
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if pid is not None:
+        stop_pid(pid, terminate=False, wait_s=5.0)  # pg_ctl asked it to stop; make sure it did

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from process_helpers import stop_pid
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 TOOLS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
@@ -136,20 +137,5 @@ def stop(cluster: Cluster) -> None:
         time.sleep(1)
     for name in ("slurmd", "slurmctld", "munged"):
         pid = cluster.pids.get(name)
-        if not pid:
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if pid:
+            stop_pid(pid)

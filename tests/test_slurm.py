@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster
+from process_helpers import started_in_a_temp_folder
 from test_stop_and_resume import learning_record, load, mid_epoch_position
 
 pytestmark = pytest.mark.slow
@@ -44,18 +45,7 @@ def sets(*items: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import shutil
-    import tempfile
-
-    # not under pytest's tmp folder: that is private to root, and munged runs as the munge user
-    root = Path(tempfile.mkdtemp(prefix="sdtl-slurm-"))
-    started = slurm_cluster.start(root)
-    if isinstance(started, str):
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"no test Slurm cluster: {started}")
-    yield started
-    slurm_cluster.stop(started)
-    shutil.rmtree(root, ignore_errors=True)
+    yield from started_in_a_temp_folder("sdtl-slurm-", "Slurm cluster", slurm_cluster.start, slurm_cluster.stop)
 
 
 def job_id_of(stdout: str) -> str:
@@ -212,6 +202,9 @@ def test_sweep_as_a_job_array_then_only_the_missing_run(cluster, tiny_synth, tmp
         return text if "4 done" in text else None
 
     wait_until(all_done, "every run of the array", timeout=600, poll=2)
+    # a run is done when its results.json is written; its job may still be closing its files
+    wait_until(lambda: not cluster.run("squeue", "-h", "-j", array, check=False).strip(), "the array's jobs to end",
+               poll=0.5)
     import shutil
 
     shutil.rmtree(out / "runs" / "regularizer.weight=1" / "seed0")  # a run lost (or never made)

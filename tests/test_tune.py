@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import postgres_server
+from process_helpers import started_in_a_temp_folder
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -155,18 +156,8 @@ def test_a_worker_killed_mid_trial_is_retried_in_the_same_run_folder(tiny_synth,
 # ------------------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="module")
 def postgres():
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="sdtl-pg-"))
-    root.chmod(0o755)  # the server runs as the postgres user: it must reach its folder
-    started = postgres_server.start(root / "pg")
-    if isinstance(started, str):
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"no test PostgreSQL: {started}")
-    yield started
-    postgres_server.stop(started)
-    shutil.rmtree(root, ignore_errors=True)
+    yield from started_in_a_temp_folder("sdtl-pg-", "PostgreSQL", lambda root: postgres_server.start(root / "pg"),
+                                        postgres_server.stop)
 
 
 def test_two_workers_share_one_postgresql_study(postgres, tiny_synth, tmp_path):
