@@ -53,3 +53,35 @@ def test_train_log_keeps_the_console_lines(tiny_synth, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "epoch 1/2" in log and "epoch 2/2" in log and "eta=" in log and "test (selected" in log
+
+
+def test_resuming_a_run_made_before_keys_were_added_records_only_real_changes(tmp_path, caplog):
+    """A checkpoint's config written by an older sdtl lacks keys added since (``run.trackers``,
+    ``run.checkpoint_every_steps``, a pretrain's ``task`` section): they are not changes of the run.
+    Only what really differs is warned and recorded."""
+    import logging
+    from types import SimpleNamespace
+
+    from sdtl.engine import config as cfgmod
+    from sdtl.engine.rundir import record_config_changes
+
+    info = SimpleNamespace(is_main=True)
+    logger = logging.getLogger("sdtl.test")
+    for kind, recipe, added in (("finetune", "synthetic_tiny", ("run", ("trackers", "checkpoint_every_steps"))),
+                                ("pretrain", "synthetic_tiny_pretrain", (None, ("task",)))):
+        cfg = cfgmod.load_config(recipe, [f"data.root={tmp_path}"], kind=kind)
+        old = cfgmod.to_dict(cfg)
+        section, keys = added
+        for key in keys:
+            (old[section] if section else old).pop(key)
+        out = tmp_path / kind
+        out.mkdir()
+        state = {"config": old, "sdtl_format": kind, "epoch": 1}
+        assert record_config_changes(cfg, state, out, out / "last.pt", info, logger) == []
+        assert not (out / "config_changes.jsonl").exists()
+
+        cfg.optim.epochs += 1  # a real change is still named and recorded
+        changed = record_config_changes(cfg, state, out, out / "last.pt", info, logger)
+        assert changed == [f"optim.epochs: {cfg.optim.epochs - 1} -> {cfg.optim.epochs}"]
+        record = json.loads((out / "config_changes.jsonl").read_text())
+        assert record["changes"] == changed and record["epoch"] == 1

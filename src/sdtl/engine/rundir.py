@@ -159,6 +159,18 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def as_read_today(stored: dict, kind: str) -> dict:
+    """A config dict stored by any sdtl, read through today's loader: keys added to sdtl since the run
+    was made (``run.trackers``, ``task.*``) come back at their defaults, so comparing it with a config
+    of today names only what really differs. A config this sdtl cannot read is returned as it is."""
+    from sdtl.engine import config as cfgmod
+
+    try:
+        return cfgmod.to_dict(cfgmod.config_from_dict(dict(stored), kind=kind))
+    except UserError:
+        return stored
+
+
 def check_same_config(run_dir: Path, cfg, purpose: str) -> None:
     """Refuse to reuse a run folder whose stored config is not what ``purpose`` would run.
 
@@ -174,11 +186,7 @@ def check_same_config(run_dir: Path, cfg, purpose: str) -> None:
         return
     stored = yaml.safe_load(stored_path.read_text()) or {}
     kind = stored.pop("kind", "finetune")
-    try:  # through the loader, so keys added to sdtl since the run was made compare at their defaults
-        stored = cfgmod.to_dict(cfgmod.config_from_dict(stored, kind=kind))
-    except UserError:
-        pass  # a config this sdtl cannot read differs anyway: compared raw below
-    changes = config_changes(stored, cfgmod.to_dict(cfg))
+    changes = config_changes(as_read_today(stored, kind), cfgmod.to_dict(cfg))
     if changes:
         raise UserError(f"{run_dir}: this run was made with other settings ({'; '.join(changes[:4])}"
                         f"{' …' if len(changes) > 4 else ''}); its results cannot be reused for {purpose}. "
@@ -195,7 +203,8 @@ def record_config_changes(cfg, state: dict, out_dir: Path, resume_path, info, lo
 
     from sdtl.engine import config as cfgmod
 
-    changed = config_changes(state.get("config") or {}, cfgmod.to_dict(cfg))
+    stored = as_read_today(state.get("config") or {}, state.get("sdtl_format") or kind_of(cfg))
+    changed = config_changes(stored, cfgmod.to_dict(cfg))
     if changed and info.is_main:
         logger.warning("resuming %s with a config that differs from the checkpoint's: %s", resume_path,
                        "; ".join(changed))
