@@ -146,6 +146,31 @@ def test_stop_request_writes_state_exits_75_and_resumes_exactly(tiny_synth, tiny
     assert learning_record(out) == learning_record(reference[0])
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(tiny_synth, tiny_encoder, reference,
+                                                                              tmp_path):
+    """Slurm's scancel / preemption and a terminal signal every process of the job, DataLoader workers
+    too. The workers must leave the stop to the main process (torch's own worker handler let them die,
+    and the run crashed with "DataLoader worker ... is killed by signal" and no state)."""
+    out = tmp_path / "run"
+    args = finetune_args(tiny_synth, tiny_encoder, out, "data.workers=2")
+    proc = subprocess.Popen(sdtl_cmd(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job step is
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)  # epoch 1 is finished and the persistent workers are serving epoch 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == STOPPED, stderr
+    assert "stopped by SIGTERM" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert load(out / "checkpoints" / "last.pt")["epoch"] >= 1 and not (out / "results.json").exists()
+
+    subprocess.run(sdtl_cmd(*args, "--resume", "auto"), env=ENV, check=True)
+    assert_same_weights(load(out / "checkpoints" / "last.pt")["model"],
+                        load(reference[2] / "checkpoints" / "last.pt")["model"], "SIGTERM to the process group")
+    assert learning_record(out) == learning_record(reference[2])
+
+
 def test_pretraining_stopped_mid_epoch_resumes_exactly(tiny_synth, tmp_path):
     common = ["pretrain", "--config", "synthetic_tiny_pretrain", "--deterministic", "--set", f"data.root={tiny_synth}",
               "--set", "optim.epochs=2", "--set", "data.batch_size=2", "--set", "run.threads=1"]

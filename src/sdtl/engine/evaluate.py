@@ -26,7 +26,7 @@ from sdtl.engine import config as cfgmod
 from sdtl.engine import distributed as dist_utils
 from sdtl.engine.build import build_datasets
 from sdtl.engine.distributed import DistInfo, all_gather_objects
-from sdtl.engine.runtime import amp_dtype, configure_determinism, progress
+from sdtl.engine.runtime import amp_dtype, configure_determinism, ignore_stop_signals, progress
 from sdtl.errors import ConfigError, UserError
 
 log = logging.getLogger("sdtl.evaluate")
@@ -86,7 +86,8 @@ def make_eval_loader(dataset, clips_per_forward: int, info: DistInfo, workers: i
         num_workers=workers, collate_fn=collate_clips, pin_memory=info.device.type == "cuda",
         # Evaluation items do not depend on the epoch, so the workers can live across validations
         # (re-spawning them every epoch cost more than validating a small set).
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))  # not the global RNG
+        persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(0))  # not the global RNG
 
 
 @torch.no_grad()
@@ -287,8 +288,8 @@ def accuracy_line(metrics: dict, num_classes: int) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                         allow_unsafe_pickle: bool = False) -> dict:
     """``sdtl evaluate``: test a fine-tuned checkpoint with the protocol recorded in it."""
-    from sdtl.engine.runlock import rank0_lock
     from sdtl.engine.rundir import remove_if_only_bookkeeping
+    from sdtl.engine.runlock import rank0_lock
 
     out_dir = Path(out_dir)
     _refuse_existing_results(out_dir)

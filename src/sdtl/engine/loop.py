@@ -37,8 +37,9 @@ from sdtl.engine import distributed as dist_utils
 from sdtl.engine import state as state_mod
 from sdtl.engine.optim import build_fast_optimizer, build_scheduler, make_scaler, optimizer_step, restore_scaler
 from sdtl.engine.rundir import record_config_changes
-from sdtl.engine.runtime import (EpochMeter, amp_dtype, check_finite, make_train_loader, maybe_compile,
-                                 progress, restore_rng, runtime_settings, seed_everything, to_memory_format)
+from sdtl.engine.runtime import (STOP_SIGNALS, EpochMeter, amp_dtype, check_finite, make_train_loader,
+                                 maybe_compile, progress, restore_rng, runtime_settings, seed_everything,
+                                 to_memory_format)
 from sdtl.errors import RunInterrupted, UserError
 
 log = logging.getLogger("sdtl.loop")
@@ -51,9 +52,7 @@ class StopRequest:
     Outside the main thread (where Python cannot install handlers) nothing is installed.
     """
 
-    # SIGUSR2: submitit's default preemption signal (sdtl's Slurm jobs are told to use SIGUSR1)
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
-                                getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s is not None)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.signum: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -13,6 +14,24 @@ from torch import nn
 
 from sdtl.engine.optim import use_fused
 from sdtl.errors import ConfigError, RunFailed
+
+#: the signals that ask a run to stop after its current step (:class:`sdtl.engine.loop.StopRequest`);
+#: SIGUSR2 is submitit's default preemption signal (sdtl's Slurm jobs are told to use SIGUSR1)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: stop signals are the main process's to answer.
+
+    Slurm (scancel, preemption, time limits) and a terminal's Ctrl-C signal the whole process group,
+    workers included. torch's workers die on a SIGTERM that their parent did not send, and the main
+    process then fails with "DataLoader worker ... is killed by signal" instead of finishing its step
+    and writing its state. Ignored here, the workers go on serving batches until the main process
+    stops; they still end with it (torch's shutdown and its parent watchdog). Seeds are not touched.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_train_loader(dataset, data_cfg, info, seed: int):
@@ -36,6 +55,7 @@ def make_train_loader(dataset, data_cfg, info, seed: int):
                                          drop_last=True, pin_memory=info.device.type == "cuda",
                                          persistent_workers=workers > 0,
                                          prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+                                         worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
         raise ConfigError("data.batch_size", f"{data_cfg.batch_size} x {info.world_size} process(es) is larger "
