@@ -231,11 +231,41 @@ def test_studies_say_how_to_continue_after_an_interrupt(command):
     assert "re-run the same command" in hint
 
 
-def test_finetune_keeps_the_default_interrupt_hint():
-    from sdtl.cli import build_parser
+def test_every_command_s_interrupt_hint_names_only_flags_it_has():
+    """``(resume with --resume auto)`` only where the command has ``--resume`` (finetune, pretrain);
+    evaluate, probe, synth, data ... are re-run (``sdtl evaluate --resume auto`` is an argparse error)."""
+    import argparse
 
-    args = build_parser().parse_args(["finetune", "--out", "x", "--config", "c"])
-    assert getattr(args, "resume_hint", None) is None  # main()'s own hint (--resume auto) applies
+    from sdtl.cli import RERUN_HINT, build_parser
+
+    def commands(parser, path=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield " ".join(path), parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from commands(child, (*path, name))
+
+    seen = {}
+    for name, parser in commands(build_parser()):
+        hint = parser.get_default("resume_hint") or RERUN_HINT
+        has_resume = any("--resume" in a.option_strings for a in parser._actions)
+        assert ("--resume" in hint) == has_resume, (name, hint)
+        seen[name] = has_resume
+    assert seen["finetune"] and seen["pretrain"] and not seen["evaluate"] and len(seen) > 10
+
+
+def test_an_interrupted_evaluate_is_told_to_run_again(tmp_path, monkeypatch, capsys):
+    from sdtl import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["evaluate"].set_defaults(func=interrupted)
+    assert cli.main(["evaluate", "--checkpoint", "c.pt", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "sdtl: interrupted (run the same command again)"
 
 
 def _record_chance(monkeypatch) -> list:

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: sdtl finetune --config ucf101_r21d_sd --out runs/r21d --set data.root=/data/UCF101 "
                "--set model.pretrained=/weights/model_best_r21d_200epoch.pth.tar")
     _add_run_args(p, "finetune")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, resume_hint=RESUME_HINT)
 
     p = sub.add_parser("evaluate", help="multi-clip test of a fine-tuned checkpoint",
                        description="Test a checkpoint written by `sdtl finetune` with the protocol and dataset "
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: sdtl synth --out synth && sdtl pretrain --config synthetic_pretrain "
                               "--out runs/pre --set data.root=synth")
     _add_run_args(p, "pretrain")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, resume_hint=RESUME_HINT)
 
     p = sub.add_parser("export", help="write a checkpoint's encoder alone (state dict .pt or .safetensors)")
     p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint sdtl can load (sdtl, RSPNet, torchvision, ...)")
@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what to do after an interrupt or a stop request (a subcommand's ``resume_hint`` default): the training
+#: commands resume with their own flag; every other command (and a study, which says more) is re-run
+RESUME_HINT = "resume with --resume auto"
+RERUN_HINT = "run the same command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("SDTL_DEBUG", "") not in ("", "0")
-    resume_hint = getattr(args, "resume_hint", None) or "resume with --resume auto"
+    resume_hint = getattr(args, "resume_hint", None) or RERUN_HINT
     try:
         return int(args.func(args) or 0)
     except SdtlError as exc:
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"sdtl: interrupted; completed epochs are in the run's checkpoints ({resume_hint})", file=sys.stderr)
+        kept = "; completed epochs are in the run's checkpoints" if resume_hint == RESUME_HINT else ""
+        print(f"sdtl: interrupted{kept} ({resume_hint})", file=sys.stderr)
         return 130
 
 
