@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdtl.cli import main
-from sdtl.engine.representation import choose, linear_probe, recall_at_k
+from sdtl.engine.representation import choose, linear_probe, probe_markdown, recall_at_k
 from sdtl.errors import UserError
 
 
@@ -160,6 +160,9 @@ def test_retrieval_and_probe_end_to_end_with_feature_cache(tiny_synth, tiny_enco
     assert probe["num_val"] > 0 and probe["num_fit"] + probe["num_val"] == 36
     assert len(probe["grid"]) == 6 and probe["selected"]["weight_decay"] in [r["weight_decay"] for r in probe["grid"]]
     assert "← selected" in (out / "probe.md").read_text()
+    assert "acc@5" in (out / "probe.md").read_text() and "acc@5" in capsys.readouterr().out  # 6 classes: it can be < 100
+    five = {**probe, "dataset": {**probe["dataset"], "num_classes": 5}}  # 5 classes: acc@5 is always 100, not shown
+    assert "acc@5" not in probe_markdown(five) and probe_markdown(five).count("mean-class") == 1
     # a second retrieval: nothing decoded, the same numbers
     assert main(_args("retrieval", ckpt, tiny_synth, out)) == 0
     assert decode_counter["n"] == first

@@ -277,10 +277,15 @@ def write_results(out_dir: Path, cfg, classes, outputs: dict, best: dict, test_d
     return results
 
 
+def acc5_informative(num_classes: int) -> bool:
+    """Whether acc@5 says anything: with 5 classes or fewer it is always 100, so it is not printed."""
+    return num_classes > 5
+
+
 def accuracy_line(metrics: dict, num_classes: int) -> str:
     """``video acc@1 … | clip acc@1 … | mean-class …`` (acc@5 only with more than 5 classes, where it
     can be below 100)."""
-    acc5 = f" acc@5 {metrics['video_acc5']:.2f}" if num_classes > 5 else ""
+    acc5 = f" acc@5 {metrics['video_acc5']:.2f}" if acc5_informative(num_classes) else ""
     return (f"video acc@1 {metrics['video_acc1']:.2f}{acc5} | clip acc@1 {metrics['clip_acc1']:.2f} | "
             f"mean-class {metrics['mean_class_acc']:.2f}")
 

@@ -676,6 +676,14 @@ def run_probe(checkpoint, out_dir, *, arch: str | None = None, settings: dict | 
 
 
 # ------------------------------------------------------------------------------------------ reports
+def probe_acc5(report: dict) -> str:
+    """`` | acc@5 …`` of a probe report, or nothing where it is always 100 (5 classes or fewer)."""
+    from sdtl.engine.evaluate import acc5_informative
+
+    shown = acc5_informative(report["dataset"]["num_classes"])
+    return f" | acc@5 {report['test']['acc5']:.2f}" if shown else ""
+
+
 def write_report(out_dir: Path, kind: str, report: dict) -> None:
     """``<kind>.md`` then ``<kind>.json`` (last: its presence marks a finished evaluation), atomically.
     A previous report of the same kind in this folder is replaced (logged)."""
@@ -738,7 +746,7 @@ def probe_markdown(report: dict) -> str:
         f"- validation: {report['validation_part']} ({report['num_fit']} fit / {report['num_val']} validation videos)",
         f"- selection: {sel['rule']}",
         "",
-        (f"**test acc@1 {test['acc1']:.2f}** | acc@5 {test['acc5']:.2f} | mean-class {test['mean_class_acc']:.2f} "
+        (f"**test acc@1 {test['acc1']:.2f}**{probe_acc5(report)} | mean-class {test['mean_class_acc']:.2f} "
          f"({report['num_test']} test videos; weight decay {sel['weight_decay']:g}, refitted on {report['num_train']} "
          f"training videos)"),
     ]

@@ -124,13 +124,13 @@ def _cmd_retrieval(args) -> int:
 
 
 def _cmd_probe(args) -> int:
-    from sdtl.engine.representation import run_probe
+    from sdtl.engine.representation import probe_acc5, run_probe
 
     decays = _numbers(args.weight_decays, "--weight-decays")
     report = _call(args, run_probe, weight_decays=decays)
     if report:
         t, sel = report["test"], report["selected"]
-        print(f"linear probe: test acc@1 {t['acc1']:.2f} | acc@5 {t['acc5']:.2f} | mean-class "
+        print(f"linear probe: test acc@1 {t['acc1']:.2f}{probe_acc5(report)} | mean-class "
               f"{t['mean_class_acc']:.2f} (weight decay {sel['weight_decay']:g}) -> {args.out}/probe.json, probe.md")
     return 0
 
