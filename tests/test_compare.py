@@ -20,9 +20,9 @@ def small_data(tmp_path_factory):
 
 
 def test_compare_selects_on_validation_and_pairs_with_plain(small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cmp, "METHODS", {"plain": cmp.METHODS["plain"],
-                                         "sd": cmp.Method("SD", ("regularizer.name=sd",), "regularizer.weight",
-                                                          ("0.3", "3"))})
+    table = {"plain": cmp.method_table()["plain"],
+             "sd": cmp.Method("SD", ("regularizer.name=sd",), "regularizer.weight", ("0.3", "3"))}
+    monkeypatch.setattr(cmp, "method_table", lambda: table)
     out = tmp_path / "cmp"
     summary = cmp.run_compare(out, methods=["sd"], seeds=2, data_dir=str(small_data), sets=SHORT)
     sd, plain = summary["methods"]["sd"], summary["methods"]["plain"]

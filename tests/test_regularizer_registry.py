@@ -151,6 +151,22 @@ def test_toy_is_described(toy):
     assert describe_method(tiny("regularizer.name=toy", "regularizer.weight=0")) == "plain fine-tuning (no regularizer)"
 
 
+def test_toy_joins_the_comparison_and_finetune_help(toy, monkeypatch):
+    """The one registry line also puts the method into ``sdtl compare`` (over its weight grid, labelled
+    by its help line) and names it in ``sdtl finetune --help``."""
+    from sdtl.cli import build_parser
+    from sdtl.studies import compare
+
+    monkeypatch.setitem(REGULARIZERS, "toy", RegSpec(ToyRegularizer, ToyOptions, "toy", "a toy penalty", ("1", "2")))
+    table = compare.method_table()
+    assert table["toy"] == compare.Method("a toy penalty", ("regularizer.name=toy",), "regularizer.weight", ("1", "2"))
+    for name, spec in REGULARIZERS.items():  # every regularizer over exactly the grid its RegSpec gives
+        assert table[name].values == spec.weight_grid and f"regularizer.name={name}" in table[name].sets
+    assert list(table)[:2] == ["scratch", "plain"] and list(table)[-2:] == ["lp_ft", "llrd"]
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    assert "bss, toy;" in " ".join(finetune.description.split())
+
+
 def test_toy_is_built(toy):
     cfg = tiny("regularizer.name=toy", "regularizer.weight=0.5", "regularizer.toy_gain=2.5")
     encoder, head = nn.Linear(3, 4), nn.Linear(4, 2)

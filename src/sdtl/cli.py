@@ -159,6 +159,9 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # torch-free: names the regularizers in finetune --help
+    from sdtl.regularizers.registry import REGULARIZERS
+
     parser = argparse.ArgumentParser(
         prog="sdtl", description="Self-distillation guided transfer learning for video action recognition.")
     parser.add_argument("--version", action="version", version=f"sdtl {__version__}")
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune an encoder (optionally with self-distillation)",
         description="Fine-tune a pre-trained (or random) encoder plus a linear head on labelled videos, "
                     "with the paper's self-distillation regularizer when regularizer.weight > 0 (or another "
-                    "of regularizer.name: fixed_teacher, ema_sd, l2sp, delta, bss; LP-FT with optim.lp_epochs, "
+                    f"of regularizer.name: {', '.join(n for n in REGULARIZERS if n != 'sd')}; "
+                    "LP-FT with optim.lp_epochs, "
                     "layer-wise lr decay with optim.layer_decay). Selects the "
                     "checkpoint on a validation part of the training list, tests the selected and the last "
                     "one with the multi-clip protocol, and writes config.yaml, metrics.jsonl, train.log, "

@@ -4,10 +4,11 @@ On the embedded benchmark (the synthetic ``small`` set and the shipped pre-train
 ``sdtl demo --quick``), every method fine-tunes with the same data, augmentation, budget and seeds:
 
 * ``scratch`` (random init) and ``plain`` fine-tuning — the two references;
-* ``sd`` (the paper), ``fixed_teacher``, ``ema_sd``, ``l2sp``, ``delta``, ``bss`` — penalties;
+* ``sd`` (the paper), ``fixed_teacher``, ``ema_sd``, ``l2sp``, ``delta``, ``bss`` — penalties: every
+  regularizer of :data:`sdtl.regularizers.registry.REGULARIZERS`, over its ``weight_grid``;
 * ``lp_ft`` and ``llrd`` — schedules that are not penalties (LP-FT, layer-wise lr decay).
 
-Each method's own hyper-parameter is picked from a small grid fixed in :data:`METHODS` (fixed before
+Each method's own hyper-parameter is picked from a small grid fixed in :func:`method_table` (fixed before
 any accuracy was seen, by the penalty-scale rule of docs/compare.md) by the **mean validation** accuracy over seeds; test accuracy
 is reported for the picked point only and never chooses. Then per seed the difference to plain
 fine-tuning (same seed = same split, data order and initial encoder) with its 95% t-interval.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtl.errors import UserError
+from sdtl.regularizers.registry import REGULARIZERS
 from sdtl.studies import core, plots
 from sdtl.studies.stats import describe_difference, paired_difference
 from sdtl.studies.synthetic_bench import QUICK, ensure_data, prepare_encoder
@@ -45,22 +47,27 @@ class Method:
     pretrained: bool = True
 
 
-METHODS: dict[str, Method] = {
-    "scratch": Method("from scratch", ("regularizer.weight=0",), pretrained=False),
-    "plain": Method("plain fine-tuning", ("regularizer.weight=0",)),
-    "sd": Method("self-distillation, previous-epoch teacher (paper)", ("regularizer.name=sd",),
-                 "regularizer.weight", ("0.3", "1", "3")),
-    "fixed_teacher": Method("distillation from the fixed pre-trained encoder", ("regularizer.name=fixed_teacher",),
-                            "regularizer.weight", ("0.3", "1", "3")),
-    "ema_sd": Method("self-distillation, EMA teacher (decay 0.9/step)",
-                     ("regularizer.name=ema_sd", "regularizer.ema_decay=0.9"), "regularizer.weight", ("0.3", "1", "3")),
-    "l2sp": Method("L2-SP", ("regularizer.name=l2sp",), "regularizer.weight", ("0.1", "1", "10")),
-    "delta": Method("DELTA (channel attention)", ("regularizer.name=delta", "regularizer.attention_samples=64"),
-                    "regularizer.weight", ("0.001", "0.003", "0.01")),
-    "bss": Method("BSS (k=1)", ("regularizer.name=bss",), "regularizer.weight", ("0.1", "1", "10")),
-    "lp_ft": Method("LP-FT (head alone first)", ("regularizer.weight=0",), "optim.lp_epochs", ("2", "4", "6")),
-    "llrd": Method("layer-wise lr decay", ("regularizer.weight=0",), "optim.layer_decay", ("0.5", "0.65", "0.8")),
-}
+#: the comparison's own choices for some regularizers: a shorter table label than the registry's help
+#: line, and fixed options (docs/compare.md); every other registered regularizer joins with its help line
+LABELS = {"sd": "self-distillation, previous-epoch teacher (paper)",
+          "ema_sd": "self-distillation, EMA teacher (decay 0.9/step)",
+          "l2sp": "L2-SP", "delta": "DELTA (channel attention)", "bss": "BSS (k=1)"}
+FIXED = {"ema_sd": ("regularizer.ema_decay=0.9",), "delta": ("regularizer.attention_samples=64",)}
+
+
+
+def method_table() -> dict[str, Method]:
+    """The methods a comparison can run, in table order (read from the registry at each call, so a
+    regularizer registered later is one of them)."""
+    return {
+        "scratch": Method("from scratch", ("regularizer.weight=0",), pretrained=False),
+        "plain": Method("plain fine-tuning", ("regularizer.weight=0",)),
+        # every registered regularizer, over the weights its RegSpec says a comparison tries
+        **{name: Method(LABELS.get(name, spec.help), (f"regularizer.name={name}", *FIXED.get(name, ())),
+                        "regularizer.weight", spec.weight_grid) for name, spec in REGULARIZERS.items()},
+        "lp_ft": Method("LP-FT (head alone first)", ("regularizer.weight=0",), "optim.lp_epochs", ("2", "4", "6")),
+        "llrd": Method("layer-wise lr decay", ("regularizer.weight=0",), "optim.layer_decay", ("0.5", "0.65", "0.8")),
+    }
 
 
 def _tag(point: dict) -> str:
@@ -70,9 +77,9 @@ def _tag(point: dict) -> str:
 def _runs(out: Path, methods: list[str], seeds: int, recipe: str, base: list[str], encoder: dict,
           sets: list[str]) -> list[core.RunSpec]:
     """Every run, method by method, grid value by value, seed by seed (the order they run in)."""
-    runs = []
+    runs, table = [], method_table()
     for name in methods:
-        m = METHODS[name]
+        m = table[name]
         run_sets = [*base, *m.sets, *([f"model.pretrained={encoder['path']}"] if m.pretrained else []), *sets]
         for point in ([{m.key: v} for v in m.values] if m.key else [{}]):
             tag = _tag(point)
@@ -92,10 +99,11 @@ def run_compare(out: str | Path | None = None, methods: list[str] | None = None,
                 lr: float = DEFAULT_LR, data_dir: str | None = None, command: str | None = None,
                 sets: list[str] | None = None, parallel: int = 1) -> dict:
     """Run (or finish) the comparison in ``out``; ``sets`` are extra ``--set`` overrides for every run."""
-    methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    table = method_table()
+    methods = list(methods or table)
+    unknown = [m for m in methods if m not in table]
     if unknown:
-        raise UserError(f"--methods {','.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+        raise UserError(f"--methods {','.join(unknown)}: unknown; choose from {', '.join(table)}")
     if "plain" not in methods:
         methods.insert(0, "plain")  # every difference is paired against plain fine-tuning
     if seeds < 2:
@@ -139,9 +147,9 @@ SUMMARY_METRICS = {"val": lambda c: c["val"], "test": lambda c: c["test"],
 def summarise(runs: list[core.RunSpec], seeds: int, failed: dict) -> dict:
     by = (lambda r: (r.method, _tag(r.point)))
     rows = core.summarise(runs, SUMMARY_METRICS, by=by, failed=failed)
-    entries = {}
+    entries, table = {}, method_table()
     for name in dict.fromkeys(r.method for r in runs):
-        m = METHODS[name]
+        m = table[name]
         points = {}
         for (method, tag), group in core.group_runs(runs, by).items():
             if method != name:
