@@ -39,7 +39,7 @@ def test_decoder_is_recorded_and_a_different_one_is_flagged(tiny_synth, tmp_path
     with caplog.at_level(logging.WARNING):
         evaluate_checkpoint(other, tmp_path / "eval_other")
     assert "trained on frames decoded by torchcodec 0.17.0" in caplog.text
-    assert "--set data.backend=torchcodec" in caplog.text
+    assert "set the config key data.backend=torchcodec" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         ft.run_finetune(cfg, out, resume=str(other))  # finished: the final test only

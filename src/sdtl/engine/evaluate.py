@@ -332,7 +332,7 @@ def check_checkpoint_data(what: str, payload: dict, cfg, classes, info) -> None:
     trained_with, evaluating_with = payload.get("decoder"), decoder_identity(cfg.data.backend)
     if trained_with and trained_with != evaluating_with and info.is_main:
         log.warning("the checkpoint was trained on frames decoded by %s, this evaluation decodes with %s: "
-                    "pixels can differ by 1-2 levels between decoders; to match, pass --set data.backend=%s",
+                    "pixels can differ by 1-2 levels between decoders; to match, set the config key data.backend=%s",
                     trained_with, evaluating_with, trained_with.split()[0])
 
 

@@ -173,7 +173,7 @@ def _run(cfg, out_dir: Path, resume, info, extra_callbacks: tuple = ()) -> dict 
         trained_with = payload.get("decoder")
         if info.is_main and trained_with and trained_with != decoder_identity(cfg.data.backend):
             log.warning("resuming %s: its epochs were trained on frames decoded by %s, this run decodes with %s; "
-                        "to match, pass --set data.backend=%s", resume_path, trained_with,
+                        "to match, set the config key data.backend=%s", resume_path, trained_with,
                         decoder_identity(cfg.data.backend), trained_with.split()[0])
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, train_ds, log,
                              weight_decay=0.0 if replaces_weight_decay else None,

@@ -256,5 +256,5 @@ def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Pat
                                  seed=cfg.run.seed)
     probe.save(path)
     log.info("retention probe (%d pretext clips, frozen pretext head) -> %s; fine-tune with "
-             "--set eval.retention=%s", len(probe.clips), path, path)
+             "the config key eval.retention=%s", len(probe.clips), path, path)
     return path
