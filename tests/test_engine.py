@@ -17,7 +17,7 @@ from data_helpers import free_port
 from sdtl.engine import build
 from sdtl.engine import finetune as ft
 from sdtl.engine.config import load_config
-from sdtl.errors import RunFailed, UserError
+from sdtl.errors import RunFailed, RunInterrupted, UserError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -314,3 +314,28 @@ def test_a_pretrain_config_refused_at_setup_leaves_no_run_folder(tiny_synth, tmp
     with pytest.raises(UserError, match="data.batch_size"):
         run_pretrain(cfg, out)
     assert not out.exists()  # a second try with a fixed batch size is not refused as "already holds a run"
+
+
+def test_run_pretrain_calls_extra_callbacks_after_its_own(tiny_synth, tmp_path):
+    """Pre-training takes call-outs as fine-tuning does (a tuner, a tracker): each runs at every epoch end,
+    after the run's own (the epoch's record is in metrics.jsonl by then)."""
+    from sdtl.engine.callbacks import Callback
+    from sdtl.engine.pretrain import run_pretrain
+
+    out, seen = tmp_path / "pre", []
+
+    class Spy(Callback):
+        def on_epoch_end(self, loop, record):
+            seen.append((record["epoch"], len((out / "metrics.jsonl").read_text().splitlines())))
+
+    cfg = load_config("synthetic_tiny_pretrain", [f"data.root={tiny_synth}", "optim.epochs=2", "run.threads=1"],
+                      kind="pretrain")
+    run_pretrain(cfg, out, callbacks=(Spy(),))
+    assert seen == [(1, 1), (2, 2)]
+
+
+def test_run_interrupted_keeps_its_checkpoint_and_signal_through_pickling():
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(RunInterrupted("stopped by SIGUSR1", checkpoint="c/last.pt", signum=10)))
+    assert (str(exc), exc.checkpoint, exc.signum, exc.exit_code) == ("stopped by SIGUSR1", "c/last.pt", 10, 75)

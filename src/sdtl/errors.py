@@ -82,8 +82,8 @@ class RunInterrupted(SdtlError):
         self.checkpoint = checkpoint
         self.signum = signum  # the signal that asked for the stop (None: another rank's, or not a signal)
 
-    def __reduce__(self):
-        return type(self), (str(self), self.checkpoint)
+    def __reduce__(self):  # survives pickling (a Slurm job's result, a subprocess) with what it carries
+        return type(self), (str(self), self.checkpoint, self.signum)
 
 
 class NoSpaceError(UserError):

@@ -171,12 +171,18 @@ class RSPNetTask(PretextTask):
             self.rspnet.load_rank_buffers(state["key_buffers"])
 
 
-def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None) -> Path | None:
-    """Pre-train an encoder; returns the path of the encoder checkpoint (rank 0)."""
-    return run_in_process_group(cfg, _run, out_dir, resume)
+def run_pretrain(cfg: cfgmod.PretrainConfig, out_dir: str | Path, resume: str | None = None,
+                 callbacks: tuple = ()) -> Path | None:
+    """Pre-train an encoder; returns the path of the encoder checkpoint (rank 0).
+
+    ``callbacks``: more call-outs of the loop after the run's own at each epoch end, as in
+    :func:`sdtl.engine.finetune.run_finetune`."""
+    import functools
+
+    return run_in_process_group(cfg, functools.partial(_run, extra_callbacks=tuple(callbacks)), out_dir, resume)
 
 
-def _run(cfg, out_dir: Path, resume, info) -> Path | None:
+def _run(cfg, out_dir: Path, resume, info, extra_callbacks: tuple = ()) -> Path | None:
     check_installed(cfg)  # run.trackers naming mlflow / wandb without the package: refused before any work
     resume_path, payload = start_run(cfg, out_dir, resume, info, "pretrain")
     paths = find_videos(cfg.data.root, cfg.data.list_file)
@@ -199,7 +205,7 @@ def _run(cfg, out_dir: Path, resume, info) -> Path | None:
     tracking = Tracking.open(cfg, out_dir, info, state.history, "pretrain")  # mlflow / wandb (rank 0)
     callbacks = [RunLogger(run_log),
                  Checkpoints(cfg.run.checkpoint_every_steps, cfg.run.checkpoint_every_minutes, keep_best=False),
-                 tracking, EpochLine(list(task.line_keys), log, prefix="pretrain epoch")]
+                 tracking, EpochLine(list(task.line_keys), log, prefix="pretrain epoch"), *extra_callbacks]
     loop = Loop(cfg, info, task, parts["net"], parts["optimizer"], parts["scheduler"], parts["scaler"],
                 parts["loader"], parts["sampler"], ds, parts["tracker"], out_dir, state, callbacks,
                 resumed=payload, channels_last=channels_last, title="pretrain")

@@ -3,8 +3,9 @@
 A task owns its trainable parts and whatever else it needs to turn a batch into losses (a teacher,
 a queue, a regularizer); the loop owns everything else (AMP, the optimizer, scheduler and scaler
 steps, DDP, compile, progress, logging, RNG, checkpoints, resume and stop requests). Fine-tuning
-(:class:`sdtl.engine.finetune.ClassificationTask`) and pre-training
-(:class:`sdtl.engine.pretrain.PretextTask`) are the two tasks today.
+(:class:`sdtl.engine.finetune.ClassificationTask`) and pre-training with a pretext task
+(:class:`sdtl.engine.pretrain.PretextTask`: playback speed; :class:`sdtl.engine.pretrain.RSPNetTask`:
+RSPNet's two clips, momentum key network and queue) are the tasks today.
 """
 from __future__ import annotations
 
