@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: load a checkpoint that needs full unpickling (runs code from the file)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (task.name: speed or rspnet)",
+    from sdtl.pretext.registry import PRETEXT
+
+    p = sub.add_parser("pretrain", help=f"self-supervised pre-training (task.name: {' or '.join(PRETEXT)})",
                        description="Pre-train an encoder on unlabelled videos by predicting the playback speed "
                                    "(frame stride) of clips; writes checkpoints/encoder.pt (encoder + pretext "
                                    "head) and retention_probe.pt (for fine-tuning's eval.retention) into --out.",

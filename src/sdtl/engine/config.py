@@ -26,6 +26,7 @@ import yaml
 from sdtl.atomic import atomic_write_text
 from sdtl.errors import ConfigError, UserError
 from sdtl.models.spec import IMAGENET_MEAN, IMAGENET_STD
+from sdtl.pretext import registry as pretext_registry
 from sdtl.regularizers import registry
 from sdtl.regularizers.section import RegularizerConfig
 
@@ -190,27 +191,9 @@ class PretrainDataConfig:
     max_corrupt_fraction: float = 0.01
 
 
-@dataclass
-class PretrainTaskConfig:
-    """The pretext task. `speed`: classify the frame stride a clip was sampled with (Pace).
-    `rspnet`: RSPNet's relative speed perception + appearance instance discrimination, with a momentum
-    key network and a queue (sdtl.pretext.rspnet)."""
-
-    name: str = "speed"  # speed | rspnet
-    strides: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # speed: the stride classes
-    queue_size: int = 16384  # rspnet: negative keys (trimmed to a multiple of the global batch)
-    key_momentum: float = 0.999  # rspnet: EMA of the key network
-    temperature: float = 0.07  # rspnet: of both heads' similarities
-    embed_dim: int = 128  # rspnet: output of each head (A-VID, RSP)
-    margin: float = 2.0  # rspnet: of the RSP ranking loss, on similarities / temperature
-    avid_weight: float = 1.0  # rspnet: weight of the A-VID loss (appearance)
-    rsp_weight: float = 1.0  # rspnet: weight of the RSP loss (relative speed)
-
-
-#: which ``task.name`` uses each ``task`` key (a key set for another task would silently do nothing)
-TASK_KEYS = {"strides": ("speed",), "queue_size": ("rspnet",), "key_momentum": ("rspnet",),
-             "temperature": ("rspnet",), "embed_dim": ("rspnet",), "margin": ("rspnet",),
-             "avid_weight": ("rspnet",), "rsp_weight": ("rspnet",)}
+#: the ``task`` section: ``name`` and every registered pretext task's keys, flat (derived from
+#: :data:`sdtl.pretext.registry.PRETEXT`; each task's options dataclass checks and describes itself)
+PretrainTaskConfig = pretext_registry.section_class(__name__)
 
 
 @dataclass
@@ -241,7 +224,6 @@ CHOICES = {
     "run.wandb_mode": ("auto", "offline", "online"),
     "eval.select": ("val_video_acc1", "val_clip_acc1", "val_mean_class_acc", "val_loss", "last"),
     "run.device": ("auto", "cpu", "cuda"),
-    "task.name": ("speed", "rspnet"),
 }
 
 
@@ -250,6 +232,8 @@ def choices_for(section_key: str) -> tuple | None:
     section, _, key = section_key.partition(".")
     if section == "regularizer":
         return registry.choices().get(key)
+    if section_key == "task.name":
+        return pretext_registry.names()
     return CHOICES.get(section_key)
 
 
@@ -574,15 +558,7 @@ def validate_ranges(cfg) -> None:
     check_slurm(cfg.slurm)
     if isinstance(cfg, PretrainConfig):
         _check_task_keys(cfg.task)
-        t = cfg.task
-        need(t.queue_size >= 1, "task.queue_size", "must be >= 1 (and at least one global batch)")
-        need(0 <= t.key_momentum < 1, "task.key_momentum", "must be in [0, 1); RSPNet uses 0.999")
-        need(t.temperature > 0, "task.temperature", "must be > 0; RSPNet uses 0.07")
-        need(t.embed_dim >= 1, "task.embed_dim", "must be >= 1; RSPNet uses 128")
-        need(t.margin >= 0, "task.margin", "must be >= 0; RSPNet uses 2.0")
-        need(t.avid_weight >= 0, "task.avid_weight", "must be >= 0")
-        need(t.rsp_weight >= 0, "task.rsp_weight", "must be >= 0")
-        need(t.avid_weight + t.rsp_weight > 0, "task.rsp_weight", "task.avid_weight and task.rsp_weight are both 0")
+        pretext_registry.options_of(cfg.task)  # each task's range checks (ConfigError naming task.<key>)
 
 
 def _check_trackers(run: RunConfig) -> None:
@@ -664,10 +640,10 @@ def check_slurm(s: SlurmConfig) -> None:
                               "sdtl sets this option itself (logs under OUT/slurm, requeue on preemption)"))
 
 
-def _check_task_keys(task: PretrainTaskConfig) -> None:
+def _check_task_keys(task) -> None:
     """A ``task`` key set away from its default for another task than ``task.name``: refuse it."""
     defaults = PretrainTaskConfig()
-    for key, users in TASK_KEYS.items():
+    for key, users in pretext_registry.task_keys().items():
         if task.name not in users and getattr(task, key) != getattr(defaults, key):
             raise ConfigError(f"task.{key}", f"used only by task.name={' or '.join(users)}, not {task.name!r}",
                               "remove it, or set task.name to one of those")

@@ -5,8 +5,11 @@ checkpoints (one layout, :mod:`sdtl.engine.state`), mid-epoch checkpoints, stop 
 resume.
 
 * :class:`PretextTask` (``task.name: speed``) runs a single-clip pretext task of :mod:`sdtl.pretext`:
-  playback-speed prediction, the "Pace" baseline the paper cites. Adding such a task means adding it
-  to :data:`sdtl.pretext.PRETEXT_TASKS` (and the config's ``task.name`` choices).
+  playback-speed prediction, the "Pace" baseline the paper cites.
+
+Each task is declared once in :data:`sdtl.pretext.registry.PRETEXT` (its options dataclass checks and
+describes it; the config's ``task`` section, its keys and ``task.name`` choices are derived from it);
+:data:`TASK_BUILDERS` says what the loop runs for it.
 * :class:`RSPNetTask` (``task.name: rspnet``) runs RSPNet (:mod:`sdtl.pretext.rspnet`): two clips per
   video, a momentum key network and a queue. DDP wraps the query network only (encoder + both heads);
   the key network, the queue and its pointer are task state, in every checkpoint.
@@ -39,6 +42,7 @@ from sdtl.errors import ConfigError, UserError
 from sdtl.models.classifier import build_encoder, model_options
 from sdtl.pretext import PRETEXT_TASKS, PretextModel
 from sdtl.pretext.dataset import PretextClipDataset, RSPNetClipDataset
+from sdtl.pretext.registry import options_of
 from sdtl.pretext.rspnet import SPEEDS, RSPNet, RSPNetModel
 
 log = logging.getLogger("sdtl.pretrain")
@@ -90,7 +94,7 @@ class PretextTask(Task):
     resume_note: str | None = None  # what a resume changed, said once at the start
 
     def describe(self) -> str:
-        return f"{self.cfg.task.name} {self.cfg.task.strides}"
+        return options_of(self.cfg.task).describe()
 
     def after_training(self, encoder_path: Path, paths: list[Path], out_dir: Path) -> None:
         write_retention_probe(encoder_path, paths, self.cfg, out_dir / "retention_probe.pt")
@@ -119,10 +123,7 @@ class RSPNetTask(PretextTask):
         self.avid_correct = self.rsp_correct = self.seen = 0
 
     def describe(self) -> str:
-        t, clip_len = self.cfg.task, self.cfg.data.clip_len
-        return (f"rspnet (queue {self.rspnet.queue.shape[0]}, momentum {t.key_momentum}, τ {t.temperature}, margin "
-                f"{t.margin}, weights A-VID {t.avid_weight} / RSP {t.rsp_weight}; {2 * clip_len}-frame windows -> "
-                f"{clip_len}-frame clips at 1x / 2x)")
+        return options_of(self.cfg.task).describe(queue=int(self.rspnet.queue.shape[0]), clip_len=self.cfg.data.clip_len)
 
     def after_training(self, encoder_path: Path, paths: list[Path], out_dir: Path) -> None:
         log.info("no retention probe for task.name=rspnet (the probe freezes the speed task's classifier "
@@ -190,7 +191,7 @@ def _run(cfg, out_dir: Path, resume, info, extra_callbacks: tuple = ()) -> Path 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     encoder = build_encoder(cfg.model.arch, **{k: v for k, v in model_options(cfg).items() if k != "dropout"})
     use_grad_checkpointing(cfg, encoder)
-    make_task = _rspnet_task if cfg.task.name == "rspnet" else _pretext_task
+    make_task = TASK_BUILDERS[cfg.task.name]
     task, ds, channels_last = make_task(cfg, encoder, paths, info, norm)
     parts = prepare_training(cfg, info, task, out_dir, resume_path, payload, ds, log)
     state = parts["state"]
@@ -253,6 +254,11 @@ def _rspnet_task(cfg, encoder, paths, info, norm):
                     "an older key of its own video among its negatives; a queue well below the pool size "
                     "(e.g. %d) avoids that", queue, len(ds), max(global_batch, len(ds) // 4 // global_batch * global_batch))
     return RSPNetTask(cfg, rspnet), ds, channels_last
+
+
+#: ``task.name`` → what the training loop runs for it: the task, its dataset, channels_last (one line
+#: per pretext task of :data:`sdtl.pretext.registry.PRETEXT`; a test keeps the two equal)
+TASK_BUILDERS = {"speed": _pretext_task, "rspnet": _rspnet_task}
 
 
 def write_retention_probe(encoder_path: Path, videos: list[Path], cfg, path: Path) -> Path:
