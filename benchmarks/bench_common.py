@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sdtl.engine.optim import optimizer_step
+
 
 def rss_peak_kib() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
@@ -54,20 +56,15 @@ def sync(device: torch.device) -> None:
 def train_step(model, reg, opt, clips, labels, scaler=None, dtype=None) -> None:
     """One step as :mod:`sdtl.engine.finetune` runs it: the regularizer's teacher/reference forward
     (``reg.prepare``) before the student's, CE + ``reg.loss``, backward (loss-scaled when a scaler is
-    given), optimizer step, ``reg.step_end``. ``reg=None``: plain fine-tuning."""
+    given) and optimizer step by the engine's :func:`~sdtl.engine.optim.optimizer_step`, ``reg.step_end``.
+    ``reg=None``: plain fine-tuning."""
     with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype is not None):
         ctx = reg.prepare(clips) if reg is not None else None
         logits, feats = model.forward_features(clips)
         loss = F.cross_entropy(logits.float(), labels)
         if reg is not None:
             loss = loss + reg.loss(ctx, feats)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    # the engine's own step (zero_grad, scaled backward, step, scale update); a disabled scaler is a plain step
+    optimizer_step(loss, opt, scaler if scaler is not None else torch.amp.GradScaler(enabled=False), None, None)
     if reg is not None:
         reg.step_end()
