@@ -185,7 +185,8 @@ def test_each_writer_turns_a_full_disk_into_one_error_and_leaves_the_old_file_wh
         save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, ckpt, checksum=True)
     message = str(caught.value)
     assert str(ckpt) in message and "no space left" in message and "free space" in message
-    assert "--resume auto" in message and "\n" not in message and caught.value.path == ckpt
+    assert "resume='auto'" in message and "\n" not in message and caught.value.path == ckpt  # the Python argument
+    assert "--resume auto" in caught.value.for_cli()  # the flag, as the command line prints it
     assert load(ckpt)["epoch"] == 1 and checkpoint_problem(ckpt) is None  # the old file and its checksum
     assert sorted(os.listdir(ckpt.parent)) == ["last.pt", "last.pt.sha256"]  # no temp file left
 
@@ -332,7 +333,8 @@ def test_when_no_checkpoint_of_the_run_is_usable_one_line_says_what_was_checked(
     assert sorted(os.listdir(ckpt)) == before  # nothing moved or rewritten when nothing is usable
     with pytest.raises(CheckpointError) as caught:  # a run's own file: never "re-download it"
         safe_load(ckpt / "last.pt")
-    assert "re-download" not in str(caught.value) and "--resume auto falls back" in str(caught.value)
+    assert "re-download" not in str(caught.value) and "resume='auto' falls back" in str(caught.value)
+    assert "--resume auto falls back" in caught.value.for_cli()
     with pytest.raises(CheckpointError, match="checksum mismatch"):  # evaluation reads it checked, too
         safe_load(ckpt / "prev.pt")
 

@@ -219,3 +219,31 @@ def test_is_compile_failure():
     assert not is_compile_failure(dynamo_exc.TorchRuntimeError("RuntimeError when making fake tensor call"))
     oom = torch.OutOfMemoryError("CUDA out of memory")
     assert not is_compile_failure(dynamo_exc.BackendCompilerFailed("inductor", oom, None))  # autotuning ran out of memory
+
+
+def test_a_run_argument_is_named_as_python_spells_it_and_as_the_cli_spells_it(tmp_path, capsys, monkeypatch):
+    """A library caller reads ``out_dir`` / ``resume='auto'``; the command line prints ``--out`` /
+    ``--resume auto`` for the same error (no flag in the library's own message)."""
+    from sdtl.engine.rundir import resolve_resume
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError) as caught:
+        resolve_resume(out, None)
+    text = str(caught.value)
+    assert text.startswith(f"out_dir {out}: already holds files; pass resume='auto'") and "--" not in text
+    assert caught.value.for_cli() == (f"--out {out}: already holds files; pass --resume auto to continue it, "
+                                      f"or choose another --out")
+    with pytest.raises(UserError) as caught:
+        resolve_resume(tmp_path / "new", str(tmp_path / "nope.pt"))
+    assert str(caught.value).startswith(f"resume='{tmp_path / 'nope.pt'}': no such checkpoint")
+    import pickle
+
+    again = pickle.loads(pickle.dumps(caught.value))  # a Slurm job's or a worker's error keeps both spellings
+    assert str(again) == str(caught.value) and again.for_cli() == caught.value.for_cli()
+
+    monkeypatch.delenv("SDTL_DEBUG", raising=False)
+    assert main(["finetune", "--config", "synthetic_tiny", "--out", str(out), "--set", f"data.root={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"sdtl: error: --out {out}: already holds files; pass --resume auto "
+                                               f"to continue it, or choose another --out")

@@ -89,7 +89,7 @@ def no_space_error(path, exc: BaseException | None = None) -> NoSpaceError:
     what = "disk quota exceeded" if quota else "no space left on the device"
     return NoSpaceError(f"{path}: {what} while writing it{where}; it was not written (its previous version, if "
                         f"any, is intact): free space there and run the same command again (a training run "
-                        f"continues with --resume auto)", path=path)
+                        f"continues with «resume=auto»)", path=path)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -279,11 +279,11 @@ def render_error(exc: SdtlError, resume_hint: str) -> str:
         from sdtl.engine.config import is_config_key
 
         if is_config_key(exc.key):  # optim.milestones[1] is set as the whole list
-            return f"sdtl: error: {exc} (set it with --set {exc.key.split('[', 1)[0]}=VALUE)"
+            return f"sdtl: error: {exc.for_cli()} (set it with --set {exc.key.split('[', 1)[0]}=VALUE)"
         # a misspelt key or a whole section: there is no such key to set
-        return f"sdtl: error: {exc} (config keys are set with --set SECTION.KEY=VALUE)"
+        return f"sdtl: error: {exc.for_cli()} (config keys are set with --set SECTION.KEY=VALUE)"
     if isinstance(exc, UserError):
-        return f"sdtl: error: {exc}"
+        return f"sdtl: error: {exc.for_cli()}"
     return f"sdtl: run failed: {exc}"
 
 if __name__ == "__main__":

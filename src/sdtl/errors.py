@@ -15,8 +15,32 @@ The library speaks of config keys (``optim.lr``), never of command-line flags; t
 them into ``--set optim.lr=…`` hints and one-line messages (``SDTL_DEBUG=1`` or ``sdtl --debug``
 shows the full traceback with its cause). A tuner, a cluster job or a notebook gets the typed
 exception with its cause chain.
+
+A message about one of a run's own arguments (its output folder, what to resume) names it with a
+marker, ``«out»`` or ``«resume=auto»`` (:data:`ARGUMENTS`): ``str(exc)`` spells it as the Python
+argument (``out_dir``, ``resume='auto'``), :meth:`UserError.for_cli` as the flag (``--out``,
+``--resume auto``).
 """
 from __future__ import annotations
+
+import re
+
+#: a run's arguments as a message marks them (``«out»``, ``«resume=auto»``): (command-line flag,
+#: Python argument of run_finetune / run_pretrain / evaluate_checkpoint / ...)
+ARGUMENTS = {"out": ("--out", "out_dir"), "resume": ("--resume", "resume"), "slurm": ("--slurm", "slurm")}
+_MARKER = re.compile(r"«(\w+)(?:=([^»]*))?»")
+
+
+def spell(message: str, cli: bool) -> str:
+    """``message`` with its argument markers spelt for the command line or for Python."""
+    def one(m: re.Match) -> str:
+        flag, param = ARGUMENTS[m.group(1)]
+        value = m.group(2)
+        if cli:
+            return flag if value is None else f"{flag} {value}"
+        return param if value is None else f"{param}={value!r}"
+
+    return _MARKER.sub(one, message)
 
 
 class SdtlError(Exception):
@@ -26,9 +50,21 @@ class SdtlError(Exception):
 
 
 class UserError(SdtlError):
-    """Bad input from the user: printed as a one-line message, exit code 2."""
+    """Bad input from the user: printed as a one-line message, exit code 2. ``str(exc)`` speaks of
+    Python arguments, :meth:`for_cli` of flags (see the markers above)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(spell(message, cli=False))
+        self.template = message
+
+    def for_cli(self) -> str:
+        """The message as the command line prints it (``--out``, ``--resume auto``)."""
+        return spell(self.template, cli=True)
+
+    def __reduce__(self):  # survives pickling (a worker, a Slurm job) with its markers
+        return type(self), (self.template,)
 
 
 class ConfigError(UserError):
@@ -48,7 +84,7 @@ class _PathError(UserError):
         self.path = path
 
     def __reduce__(self):  # survives pickling with its path
-        return type(self), (str(self), self.path)
+        return type(self), (self.template, self.path)
 
 
 class DataError(_PathError):
@@ -88,11 +124,11 @@ class RunInterrupted(SdtlError):
 
 class NoSpaceError(UserError):
     """No space left on the device (or quota) while writing ``path``; nothing half-written was left
-    (exit 2: free space, then run the same command again; a training run continues with --resume auto)."""
+    (exit 2: free space, then run the same command again; a training run continues with resume='auto')."""
 
     def __init__(self, message: str, path=None) -> None:
         super().__init__(message)
         self.path = path
 
     def __reduce__(self):
-        return type(self), (str(self), self.path)
+        return type(self), (self.template, self.path)

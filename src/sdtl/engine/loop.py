@@ -311,9 +311,9 @@ def restore_training(cfg, info, task, optimizer, scheduler, scaler, payload: dic
     try:
         task.load_weights(payload)
     except RuntimeError as exc:
-        raise UserError(f"--resume {resume_path}: its weights do not fit the configured model "
-                        f"({cfg.model.arch}, {task.arch_options()}); resume with the run's own config "
-                        f"(leave --config out) [{str(exc).splitlines()[0]}]") from None
+        raise UserError(f"«resume={resume_path}»: its weights do not fit the configured model "
+                        f"({cfg.model.arch}, {task.arch_options()}); resume with the run's own config.yaml "
+                        f"(on the command line: leave --config out) [{str(exc).splitlines()[0]}]") from None
     record_config_changes(cfg, payload, out_dir, resume_path, info, logger)  # a refused resume changed nothing
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

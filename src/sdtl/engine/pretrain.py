@@ -157,7 +157,7 @@ class RSPNetTask(PretextTask):
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state or "rspnet" not in state:
-            raise UserError("--resume: the checkpoint has no RSPNet state (key network, queue); resume an "
+            raise UserError("«resume»: the checkpoint has no RSPNet state (key network, queue); resume an "
                             "`sdtl pretrain` run of task.name=rspnet with its own config")
         self.resume_note = self.rspnet.load_state_dict(state["rspnet"])
 

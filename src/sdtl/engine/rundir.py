@@ -47,21 +47,21 @@ def resolve_resume(out_dir: Path, resume: str | None, is_main: bool = True) -> P
     if resume is None:
         if content:
             what = "a run" if is_run else "files"
-            raise UserError(f"--out {out_dir}: already holds {what}; pass --resume auto to continue it, "
-                            f"or choose a new --out directory")
+            raise UserError(f"«out» {out_dir}: already holds {what}; pass «resume=auto» to continue it, "
+                            f"or choose another «out»")
         return None
     if content and not is_run:
         # --resume continues a run; it must not write config.yaml, metrics.jsonl, results.json ...
         # over the files of a folder that holds none.
-        raise UserError(f"--out {out_dir}: holds files but no sdtl run ({', '.join(content[:3])}"
-                        f"{', ...' if len(content) > 3 else ''}); --resume continues a run in its own "
-                        f"folder: choose a new --out directory")
+        raise UserError(f"«out» {out_dir}: holds files but no sdtl run ({', '.join(content[:3])}"
+                        f"{', ...' if len(content) > 3 else ''}); «resume» continues a run in its own "
+                        f"folder: choose another «out»")
     if resume == "auto":
         return last if last.exists() else prev if prev.exists() else None
     path = Path(resume)
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no such checkpoint file; pass --resume auto or a path "
-                        f"to a last.pt / best.pt written by sdtl")
+        raise UserError(f"«resume={resume}»: no such checkpoint file; pass «resume=auto» or the path "
+                        f"of a last.pt / best.pt written by sdtl")
     return path
 
 
@@ -82,7 +82,7 @@ def start_run(cfg, out_dir: Path, resume: str | None, info, kind: str) -> tuple[
     if resume_path:
         resume_path, payload = load_resume(out_dir, resume_path, info.is_main, safe_load, asked=resume)
     if payload is not None and payload.get("sdtl_format") != kind:
-        raise UserError(f"--resume {resume_path}: not an sdtl {kind} checkpoint (format "
+        raise UserError(f"«resume={resume_path}»: not an sdtl {kind} checkpoint (format "
                         f"{payload.get('sdtl_format')!r}); pass checkpoints/last.pt of a {kind} run")
     return resume_path, (None if payload is None else read_checkpoint(payload)[1])
 
@@ -115,7 +115,7 @@ def load_resume(out_dir: Path, path: Path, is_main: bool, load, asked: str | Non
         try:
             payload = load(candidate)
         except CheckpointError as exc:
-            refused.append((candidate, getattr(exc, "reason", None) or str(exc)))
+            refused.append((candidate, getattr(exc, "reason", None) or exc.template))
             continue
         if is_main and not refused and candidate.name == state_mod.PREV and not (own_dir / state_mod.LAST).exists():
             log.warning("%s: missing (set aside by an earlier resume, or never renamed into place); resuming from "
@@ -134,10 +134,10 @@ def load_resume(out_dir: Path, path: Path, is_main: bool, load, asked: str | Non
     if best.is_file():
         try:
             hint = (f"; best.pt is readable (it stands at {state_mod.describe_position(load(best))}, further "
-                    f"back): to continue from it, pass --resume {best}")
+                    f"back): to continue from it, pass «resume={best}»")
         except CheckpointError as exc:
             hint = f"; best.pt is not usable either ({getattr(exc, 'reason', None) or exc})"
-    raise CheckpointError(f"--resume {asked or path}: no usable checkpoint of this run in {own_dir} (checked {checked})"
+    raise CheckpointError(f"«resume={asked or path}»: no usable checkpoint of this run in {own_dir} (checked {checked})"
                           f"{hint}", path=path)
 
 
@@ -190,7 +190,7 @@ def check_same_config(run_dir: Path, cfg, purpose: str) -> None:
     if changes:
         raise UserError(f"{run_dir}: this run was made with other settings ({'; '.join(changes[:4])}"
                         f"{' …' if len(changes) > 4 else ''}); its results cannot be reused for {purpose}. "
-                        f"Nothing was changed: use a new --out")
+                        f"Nothing was changed: use another «out»")
 
 
 def record_config_changes(cfg, state: dict, out_dir: Path, resume_path, info, logger) -> list[str]:
@@ -247,33 +247,33 @@ def check_writable(out_dir: Path) -> None:
     made and removed at once); one that does not is judged by its nearest existing parent."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: is a file, not a folder; choose another --out")
+        raise UserError(f"«out» {out_dir}: is a file, not a folder; choose another «out»")
     folders = [out_dir, out_dir / "checkpoints"] if out_dir.is_dir() else []
     if not folders:
         parent = out_dir.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
-            raise UserError(f"--out {out_dir}: cannot be made: {parent} is a file, not a folder; choose another --out")
+            raise UserError(f"«out» {out_dir}: cannot be made: {parent} is a file, not a folder; choose another «out»")
         if not os.access(parent, os.W_OK | os.X_OK):
             reason = "read-only filesystem" if _read_only(parent) else "permission denied"
-            raise UserError(f"--out {out_dir}: cannot be made: {parent} is not writable ({reason}); choose a "
+            raise UserError(f"«out» {out_dir}: cannot be made: {parent} is not writable ({reason}); choose a "
                             f"folder you can write to")
         return
     for folder in folders:
         if not folder.exists():
             continue
         if not folder.is_dir():
-            raise UserError(f"--out {out_dir}: {folder} is a file, not a folder; choose another --out")
+            raise UserError(f"«out» {out_dir}: {folder} is a file, not a folder; choose another «out»")
         try:
             fd, name = tempfile.mkstemp(prefix=".sdtl-write-check-", dir=folder)
             os.close(fd)
             os.unlink(name)
         except OSError as exc:
             if is_no_space(exc):
-                raise NoSpaceError(f"--out {out_dir}: no space left on the device of {folder}, not even for an "
+                raise NoSpaceError(f"«out» {out_dir}: no space left on the device of {folder}, not even for an "
                                    f"empty file; free space there and run the same command again", path=folder) from exc
-            raise UserError(f"--out {out_dir}: cannot write into {folder} ({exc.strerror or exc}); choose a folder "
+            raise UserError(f"«out» {out_dir}: cannot write into {folder} ({exc.strerror or exc}); choose a folder "
                             f"you can write to, or make it writable") from exc
 
 

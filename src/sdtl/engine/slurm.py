@@ -58,15 +58,15 @@ def import_submitit():
     try:
         import submitit
     except ImportError:
-        raise UserError("--slurm needs submitit: pip install 'sdtl[slurm]' (or pip install submitit)") from None
+        raise UserError("«slurm» needs submitit: pip install 'sdtl[slurm]' (or pip install submitit)") from None
     return submitit
 
 
 def require_slurm() -> None:
     missing = [tool for tool in ("sbatch", "srun", "squeue", "scontrol") if shutil.which(tool) is None]
     if missing:
-        raise UserError(f"--slurm: {', '.join(missing)} not found on PATH; submit from a machine of a Slurm "
-                        f"cluster (a login node), or run without --slurm")
+        raise UserError(f"«slurm»: {', '.join(missing)} not found on PATH; submit from a machine of a Slurm "
+                        f"cluster (a login node), or run without «slurm»")
 
 
 # ------------------------------------------------------------------------------- the executor

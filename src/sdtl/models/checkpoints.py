@@ -143,7 +143,7 @@ def _remedy(path: Path) -> str:
     if run is None:
         return "re-download or re-save it"
     others = [name for name in RUN_CHECKPOINTS if name != Path(path).name and (Path(path).parent / name).is_file()]
-    return (f"it is a checkpoint of the sdtl run {run}: --resume auto falls back to the run's previous good "
+    return (f"it is a checkpoint of the sdtl run {run}: «resume=auto» falls back to the run's previous good "
             f"checkpoint by itself" + (f" (the run also has {', '.join(others)})" if others else ""))
 
 

@@ -102,9 +102,9 @@ def _call(args, run, **extra) -> dict:
             raise UserError(f"--arch {args.arch}: {exc.problem}" + (f"; {exc.hint}" if exc.hint else "")) from None
         raise
     except CheckpointError as exc:
-        raise UserError(f"--checkpoint {exc}") from None
+        raise UserError(f"--checkpoint {exc.template}") from None
     except UserError as exc:
-        text = str(exc)
+        text = exc.template
         for said, flag in (("output folder ", "--out "), ("feature cache ", "--cache-dir ")):
             if text.startswith(said):
                 raise UserError(flag + text[len(said):]) from None

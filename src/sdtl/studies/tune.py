@@ -160,7 +160,7 @@ def check_space(recipe: str, sets: list[str], params: list[Param]) -> object:
                 cfg = cfgmod.load_config(recipe, [*sets, *(as_set(k, v) for k, v in point.items())], kind="finetune")
                 cfgmod.validate_ranges(cfg)
             except UserError as exc:
-                raise UserError(f"--space {p.key}={p.describe()}: at {p.key}={value}: {exc}") from None
+                raise UserError(f"--space {p.key}={p.describe()}: at {p.key}={value}: {exc.template}") from None
             first = first or cfg
     return first
 

@@ -146,14 +146,14 @@ def load_theta0(path, model1, payload1: dict, allow_unsafe_pickle: bool = False,
     try:
         obj = safe_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     except UserError as exc:
-        raise UserError(f"{source} {exc}") from None
+        raise UserError(f"{source} {exc.template}") from None
     fmt = detect_format(obj)
     if fmt == "sdtl-finetune":
         del obj
         try:
             model0, payload0 = build_model_from_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
         except UserError as exc:
-            raise UserError(f"{source} {exc}") from None
+            raise UserError(f"{source} {exc.template}") from None
         if payload0["arch"] != payload1["arch"]:
             raise UserError(f"{what}: a fine-tune checkpoint of arch {payload0['arch']!r}, but the fine-tuned "
                             f"model is {payload1['arch']!r}; θ₀ must have the same arch and options")
@@ -349,7 +349,7 @@ def _run_wise(finetuned: Path, out_dir: Path, pretrained, alphas, overrides, all
     try:
         model, payload = build_model_from_checkpoint(finetuned, allow_unsafe_pickle=allow_unsafe_pickle)
     except UserError as exc:
-        raise UserError(f"--finetuned {exc}") from None
+        raise UserError(f"--finetuned {exc.template}") from None
     cfg = checkpoint_config(payload, overrides)
     check_split_overrides(payload, cfg, f"--finetuned {finetuned}")
     source = "--pretrained"
