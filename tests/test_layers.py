@@ -53,7 +53,8 @@ PLACEMENT = {
     "sdtl.engine": "engine",
     "sdtl.pretext": "components", "sdtl.data": "components", "sdtl.models": "components",
     "sdtl.regularizers": "components",
-    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base", "sdtl.cli_options": "base",
+    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base",
+    "sdtl.cli_options": "studies",  # argparse helpers: for the CLI and the studies that register commands
 }
 
 #: the only imports allowed between different component packages
