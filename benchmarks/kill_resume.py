@@ -109,7 +109,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     p.add_argument("--kills", type=int, default=10, help="kills per killed run (default 10)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.workers values (default 0 2)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of 5 steps (default 4)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of 5 steps (default 8: room for 10 kills)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--no-epoch-run", action="store_true", help="skip the epoch-end-checkpoints run")
     a = p.parse_args()
