@@ -278,3 +278,38 @@ def test_ddp_killed_inside_an_epoch_resumes_bit_exact(tiny_synth, tiny_encoder, 
     assert_same_weights(load(out / "checkpoints" / "last.pt")["model"], load(ref / "checkpoints" / "last.pt")["model"],
                         f"DDP killed at {killed_at}")
     assert learning_record(out) == learning_record(ref)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_loader_workers_outlive_an_outside_stop_signal_and_end_on_their_parents_sigterm():
+    """What the engine's loaders give their workers (runtime.ignore_stop_signals): a SIGTERM / SIGUSR1 /
+    SIGINT sent by anyone else (Slurm, a terminal's process group) is ignored, so the main process can
+    finish its step and write its state; a SIGTERM from the parent (multiprocessing's and torch's
+    shutdown, at interpreter exit too) still ends a worker at once: ignoring that one made a finished
+    run hang at exit."""
+    from sdtl.engine.runtime import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2, persistent_workers=True,
+                                         worker_init_fn=ignore_stop_signals)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    for w in workers:
+        for sig in ("TERM", "USR1", "INT"):
+            subprocess.run(["kill", f"-{sig}", str(w.pid)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert [int(x) for x in next(it)] and [int(x) for x in next(it)]  # still serving batches
+    for w in workers:
+        w.terminate()  # what multiprocessing's exit handler does to daemonic children before joining them
+        w.join(10)
+    assert not any(w.is_alive() for w in workers), "a worker ignored its parent's SIGTERM (the exit would hang)"
+    assert all(w.exitcode == 0 for w in workers)
+    it._shutdown_workers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -24,14 +25,32 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: stop signals are the main process's to answer.
 
-    Slurm (scancel, preemption, time limits) and a terminal's Ctrl-C signal the whole process group,
+    Slurm (scancel, preemption, time limits) and a terminal's Ctrl-C signal every process of the job,
     workers included. torch's workers die on a SIGTERM that their parent did not send, and the main
     process then fails with "DataLoader worker ... is killed by signal" instead of finishing its step
-    and writing its state. Ignored here, the workers go on serving batches until the main process
-    stops; they still end with it (torch's shutdown and its parent watchdog). Seeds are not touched.
+    and writing its state. Here a worker ignores SIGINT, SIGUSR1 and SIGUSR2, and a SIGTERM from
+    anyone but its parent; a SIGTERM from its parent (torch's and multiprocessing's shutdown) still
+    ends it at once, as torch's own handler does. Seeds are not touched.
+
+    SIGTERM is told apart by its sender: it is blocked in the worker and a thread takes it with
+    ``sigwaitinfo`` (Linux). Where that is missing, torch's handler stays (a group SIGTERM then fails
+    the run as before, but nothing can hang).
     """
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return
+    parent = os.getppid()
+
+    def answer_sigterm() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:  # the parent's shutdown, or no parent left
+                os._exit(0)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
+    threading.Thread(target=answer_sigterm, name="sdtl-sigterm", daemon=True).start()
 
 
 def make_train_loader(dataset, data_cfg, info, seed: int):
