@@ -22,6 +22,14 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
                      if hasattr(signal, name))
 
 
+def _threads() -> int:
+    """Threads of this process (the kernel's count, native threads included)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: stop signals are the main process's to answer.
 
@@ -33,13 +41,15 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     ends it at once, as torch's own handler does. Seeds are not touched.
 
     SIGTERM is told apart by its sender: it is blocked in the worker and a thread takes it with
-    ``sigwaitinfo`` (Linux). Where that is missing, torch's handler stays (a group SIGTERM then fails
-    the run as before, but nothing can hang).
+    ``sigwaitinfo``. That needs the block in every thread, so it is done only in a worker that has
+    one thread so far: a forked one (the default start method on Linux). A worker started by spawn or
+    forkserver already runs a second thread, and there torch's handler stays (a group SIGTERM then
+    fails the run as before, but nothing can hang); so it does where ``sigwaitinfo`` is missing.
     """
     for sig in STOP_SIGNALS:
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
-    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")) or _threads() != 1:
         return
     parent = os.getppid()
 
