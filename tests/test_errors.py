@@ -240,6 +240,7 @@ def test_a_run_argument_is_named_as_python_spells_it_and_as_the_cli_spells_it(tm
     assert str(caught.value).startswith(f"resume='{tmp_path / 'nope.pt'}': no such checkpoint")
     import pickle
 
+    assert str(UserError("«draft» v2.mp4: unreadable")) == "«draft» v2.mp4: unreadable"  # a file name, not a marker
     again = pickle.loads(pickle.dumps(caught.value))  # a Slurm job's or a worker's error keeps both spellings
     assert str(again) == str(caught.value) and again.for_cli() == caught.value.for_cli()
 

@@ -34,6 +34,8 @@ _MARKER = re.compile(r"«(\w+)(?:=([^»]*))?»")
 def spell(message: str, cli: bool) -> str:
     """``message`` with its argument markers spelt for the command line or for Python."""
     def one(m: re.Match) -> str:
+        if m.group(1) not in ARGUMENTS:  # a «» in a path or a value: not a marker
+            return m.group(0)
         flag, param = ARGUMENTS[m.group(1)]
         value = m.group(2)
         if cli:
