@@ -6,13 +6,13 @@ resume.
 
 * :class:`PretextTask` (``task.name: speed``) runs a single-clip pretext task of :mod:`sdtl.pretext`:
   playback-speed prediction, the "Pace" baseline the paper cites.
+* :class:`RSPNetTask` (``task.name: rspnet``) runs RSPNet (:mod:`sdtl.pretext.rspnet`): two clips per
+  video, a momentum key network and a queue. DDP wraps the query network only (encoder + both heads);
+  the key network, the queue and its pointer are task state, in every checkpoint.
 
 Each task is declared once in :data:`sdtl.pretext.registry.PRETEXT` (its options dataclass checks and
 describes it; the config's ``task`` section, its keys and ``task.name`` choices are derived from it);
 :data:`TASK_BUILDERS` says what the loop runs for it.
-* :class:`RSPNetTask` (``task.name: rspnet``) runs RSPNet (:mod:`sdtl.pretext.rspnet`): two clips per
-  video, a momentum key network and a queue. DDP wraps the query network only (encoder + both heads);
-  the key network, the queue and its pointer are task state, in every checkpoint.
 
 The result is ``OUT/checkpoints/encoder.pt`` (an ``sdtl-pretrain`` checkpoint without training state:
 the encoder and the task's heads) that ``sdtl finetune --set model.pretrained=OUT/checkpoints/encoder.pt``
