@@ -136,7 +136,7 @@ def load_resume(out_dir: Path, path: Path, is_main: bool, load, asked: str | Non
             hint = (f"; best.pt is readable (it stands at {state_mod.describe_position(load(best))}, further "
                     f"back): to continue from it, pass «resume={best}»")
         except CheckpointError as exc:
-            hint = f"; best.pt is not usable either ({getattr(exc, 'reason', None) or exc})"
+            hint = f"; best.pt is not usable either ({getattr(exc, 'reason', None) or exc.template})"
     raise CheckpointError(f"«resume={asked or path}»: no usable checkpoint of this run in {own_dir} (checked {checked})"
                           f"{hint}", path=path)
 
