@@ -8,7 +8,7 @@ under it, never one above::
     studies     sdtl.studies.*           (demo, compare, sweep, wise: many runs, one summary)
     engine      sdtl.engine.*            (config, loops, run folders, diagnostics, evaluation)
     components  sdtl.pretext.*, sdtl.data.*, sdtl.models.*, sdtl.regularizers.*
-    base        sdtl.errors, sdtl.atomic, sdtl.assets
+    base        sdtl.errors, sdtl.atomic, sdtl.assets, sdtl.option_keys
 
 * Every import counts: module level, inside functions and classes, under ``if TYPE_CHECKING``, and
   ``importlib.import_module("sdtl...")`` with a literal name. (The lazy ``__getattr__`` re-exports of
@@ -53,7 +53,7 @@ PLACEMENT = {
     "sdtl.engine": "engine",
     "sdtl.pretext": "components", "sdtl.data": "components", "sdtl.models": "components",
     "sdtl.regularizers": "components",
-    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base",
+    "sdtl.errors": "base", "sdtl.atomic": "base", "sdtl.assets": "base", "sdtl.option_keys": "base",
     "sdtl.cli_options": "studies",  # argparse helpers: for the CLI and the studies that register commands
 }
 

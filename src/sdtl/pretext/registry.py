@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from dataclasses import dataclass
 
 from sdtl.errors import ConfigError
+from sdtl.option_keys import OptionKey, flat_keys
 from sdtl.pretext.options import PretextOptions, RSPNetOptions, SpeedOptions
 
 
@@ -38,31 +38,14 @@ def names() -> tuple[str, ...]:
     return tuple(PRETEXT)
 
 
-def _fields() -> dict[str, tuple[typing.Any, dataclasses.Field, tuple[str, ...]]]:
-    """key → (type, field, the tasks that read it), in registry order; one key is one declaration."""
-    out: dict[str, tuple[typing.Any, dataclasses.Field, tuple[str, ...]]] = {}
-    for name, spec in PRETEXT.items():
-        hints = typing.get_type_hints(spec.options)
-        for f in dataclasses.fields(spec.options):
-            if f.name == "name":
-                raise TypeError(f"{spec.options.__name__}: task.name is the task's name, not an option")
-            if f.name in out:
-                tp, first, users = out[f.name]
-                if tp != hints[f.name] or _default(first) != _default(f):
-                    raise TypeError(f"task.{f.name} is declared differently by {users[0]} and {name}")
-                out[f.name] = (tp, first, (*users, name))
-            else:
-                out[f.name] = (hints[f.name], f, (name,))
-    return out
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else copy.deepcopy(f.default)
+def _keys() -> dict[str, OptionKey]:
+    """The ``task`` section's option keys, in registry order; one key is one declaration."""
+    return flat_keys("task", ((name, spec.options) for name, spec in PRETEXT.items()), ("name",), "pretext task")
 
 
 def task_keys() -> dict[str, tuple[str, ...]]:
     """Which ``task.name`` values read each ``task`` key."""
-    return {k: users for k, (_, _, users) in _fields().items()}
+    return {k: key.users for k, key in _keys().items()}
 
 
 def section_class(module: str) -> type:
@@ -70,8 +53,7 @@ def section_class(module: str) -> type:
     registered task's keys at their defaults (a key of another task set away from its default is
     refused by the config's validation: it would do nothing)."""
     fields = [("name", str, dataclasses.field(default=DEFAULT))]
-    fields += [(k, tp, dataclasses.field(default_factory=(lambda f=f: _default(f))))
-               for k, (tp, f, _) in _fields().items()]
+    fields += [(k, key.type, dataclasses.field(default_factory=key.default)) for k, key in _keys().items()]
     cls = dataclasses.make_dataclass("PretrainTaskConfig", fields)
     cls.__module__, cls.__qualname__ = module, "PretrainTaskConfig"
     cls.__doc__ = "The pretext task: " + "; ".join(f"`{n}`: {s.help}" for n, s in PRETEXT.items()) + "."

@@ -18,12 +18,10 @@ pay torch's import time. A spec names its class as ``"module:Class"``, imported 
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import importlib
-import typing
 from dataclasses import dataclass
 
+from sdtl.option_keys import OptionKey, flat_keys
 from sdtl.regularizers.options.base import RegularizerOptions
 from sdtl.regularizers.options.bss import BSSOptions
 from sdtl.regularizers.options.delta import DELTAOptions
@@ -84,25 +82,6 @@ def spec_of(name: str) -> RegSpec:
         raise ValueError(f"regularizer.name: {name!r} is not one of {', '.join(names())}") from None
 
 
-@dataclass(frozen=True)
-class OptionKey:
-    """One flat key of the ``regularizer`` section, as the options dataclasses declare it."""
-
-    name: str
-    type: typing.Any  # the resolved annotation: int, float, str, list[str], ...
-    field: dataclasses.Field
-    users: tuple[str, ...]  # the regularizers that read it, in registry order
-
-    @property
-    def choices(self) -> tuple[str, ...] | None:
-        return self.field.metadata.get("choices")
-
-    def default(self):
-        if self.field.default_factory is not dataclasses.MISSING:
-            return self.field.default_factory()
-        return copy.deepcopy(self.field.default)
-
-
 _memo: tuple[tuple, dict[str, OptionKey]] | None = None
 
 
@@ -114,31 +93,11 @@ def option_keys() -> dict[str, OptionKey]:
     """
     global _memo
     snapshot = tuple(REGULARIZERS.items())
-    if _memo is not None and _memo[0] == snapshot:
-        return _memo[1]
-    declared: dict[str, tuple[typing.Any, dataclasses.Field]] = {}
-    users: dict[str, list[str]] = {}
-    for name, spec in REGULARIZERS.items():
-        hints = typing.get_type_hints(spec.options)
-        for f in dataclasses.fields(spec.options):
-            if not f.init:
-                continue
-            if f.name in ("name", "weight"):
-                raise TypeError(f"{spec.options.__name__}.{f.name}: regularizer.{f.name} is common to every "
-                                f"regularizer and cannot be an option")
-            if f.name in declared:
-                tp, first = declared[f.name]
-                same = (tp == hints[f.name] and first.metadata.get("choices") == f.metadata.get("choices")
-                        and OptionKey(f.name, tp, first, ()).default() == OptionKey(f.name, tp, f, ()).default())
-                if not same:
-                    raise TypeError(f"regularizer.{f.name} is declared differently by {users[f.name][0]} and "
-                                    f"{name} (type, default or choices): one config key needs one declaration")
-            else:
-                declared[f.name] = (hints[f.name], f)
-            users.setdefault(f.name, []).append(name)
-    keys = {k: OptionKey(k, tp, f, tuple(users[k])) for k, (tp, f) in declared.items()}
-    _memo = (snapshot, keys)
-    return keys
+    if _memo is None or _memo[0] != snapshot:
+        keys = flat_keys("regularizer", ((name, spec.options) for name, spec in snapshot), ("name", "weight"),
+                         "regularizer")
+        _memo = (snapshot, keys)
+    return _memo[1]
 
 
 def method_keys() -> dict[str, tuple[str, ...]]:
