@@ -55,7 +55,6 @@ LABELS = {"sd": "self-distillation, previous-epoch teacher (paper)",
 FIXED = {"ema_sd": ("regularizer.ema_decay=0.9",), "delta": ("regularizer.attention_samples=64",)}
 
 
-
 def method_table() -> dict[str, Method]:
     """The methods a comparison can run, in table order (read from the registry at each call, so a
     regularizer registered later is one of them)."""
