@@ -299,7 +299,8 @@ def test_loader_workers_outlive_an_outside_stop_signal_and_end_on_their_parents_
     loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2, persistent_workers=True,
                                          worker_init_fn=ignore_stop_signals)
     it = iter(loader)
-    next(it)
+    for _ in range(2):  # batches come from the workers in turn: each has run its worker_init_fn by now
+        next(it)
     workers = list(it._workers)
     for w in workers:
         for sig in ("TERM", "USR1", "INT"):
